@@ -61,7 +61,7 @@ class SecretHasher:
             self._hasher.verify(stored or self._dummy, secret)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
             return Check(ok=False)
-        if stored is None:
+        if not stored:  # None or "": only the dummy was checked
             return Check(ok=False)
         if self._hasher.check_needs_rehash(stored):
             return Check(ok=True, new_hash=self._hasher.hash(secret))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from escrow.audit import Actor, Audit
@@ -48,20 +49,24 @@ class StaffDirectory:
             raise StaffError(f"{email!r} is not a mail address")
         check_new_password(password)
         password_hash = await self._hasher.hash(password)
-        async with self._db.write() as session:
-            if await self._find(session, address) is not None:
-                raise StaffError(f"a staff account for {address} already exists")
-            staff = Staff(
-                email=address,
-                name=name,
-                role="admin" if admin else "staff",
-                password_hash=password_hash,
-            )
-            session.add(staff)
-            await session.flush()
-            await self._audit.record(
-                session, "staff.added", actor, detail={"staff_id": staff.id, "role": staff.role}
-            )
+        try:
+            async with self._db.write() as session:
+                if await self._find(session, address) is not None:
+                    raise StaffError(f"a staff account for {address} already exists")
+                staff = Staff(
+                    email=address,
+                    name=name,
+                    role="admin" if admin else "staff",
+                    password_hash=password_hash,
+                )
+                session.add(staff)
+                await session.flush()
+                await self._audit.record(
+                    session, "staff.added", actor, detail={"staff_id": staff.id, "role": staff.role}
+                )
+        except IntegrityError:
+            # Another process added the same address between our check and insert.
+            raise StaffError(f"a staff account for {address} already exists") from None
         return staff
 
     async def list(self) -> Sequence[Staff]:
