@@ -17,6 +17,7 @@ Promises:
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -65,13 +66,20 @@ class Database:
                 url, pool_size=10, max_overflow=10, pool_pre_ping=True
             )
             self._read_engine = self.engine
+        self._write_lock = asyncio.Lock() if self.dialect == "sqlite" else None
         self._writer = async_sessionmaker(self.engine, expire_on_commit=False)
         self._reader = async_sessionmaker(self._read_engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A read-write transaction, committed on success and rolled back on error."""
-        async with self._writer() as session, session.begin():
+        if self._write_lock is None:
+            async with self._writer() as session, session.begin():
+                yield session
+            return
+        # SQLite has one writer at a time. Queueing here, rather than in SQLite's
+        # busy handler (which sleeps up to 100 ms between polls), keeps latency low.
+        async with self._write_lock, self._writer() as session, session.begin():
             yield session
 
     @asynccontextmanager

@@ -23,7 +23,11 @@ def mask_address(address: str) -> str:
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, logger, message, and ``extra`` fields."""
 
-    _standard = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message"}
+    # color_message: uvicorn's copy of the message with terminal colour codes.
+    _standard = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+        "message",
+        "color_message",
+    }
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
@@ -58,6 +62,17 @@ def configure_logging(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # Library loggers that would echo protocol data (mail content) at DEBUG.
-    for noisy in ("mail.log", "aiosmtpd", "aiosmtplib", "uvicorn.access"):
+    # Library loggers that would echo protocol data (mail content) or query parameters
+    # (addresses, hashes, ciphertext) at DEBUG; sqlalchemy.engine logs parameters at INFO.
+    for noisy in (
+        "mail.log",
+        "aiosmtpd",
+        "aiosmtplib",
+        "uvicorn.access",
+        "aiosqlite",
+        "asyncpg",
+        "sqlalchemy",
+        "multipart",
+        "python_multipart",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

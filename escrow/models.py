@@ -132,6 +132,9 @@ class Message(Base):
     legal_hold: Mapped[bool] = mapped_column(Boolean, default=False)
     expired_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The subject alone, sealed to the vault key, so an inbox page decrypts a few
+    # bytes per row instead of every whole message (filled in by the portal).
+    subject_sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class VaultItem(Base):
@@ -214,7 +217,9 @@ class WebSession(Base):
     principal_type: Mapped[str] = mapped_column(String(16))  # recipient | staff
     principal_id: Mapped[str] = mapped_column(String(32))
     csrf_secret: Mapped[str] = mapped_column(String(64))
-    stage: Mapped[str] = mapped_column(String(16), default="full")  # full | mfa
+    stage: Mapped[str] = mapped_column(String(16), default="full")  # full | mfa | link | code
+    # The delivery whose link started this session (keeps the token out of URLs).
+    delivery_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

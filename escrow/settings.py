@@ -14,10 +14,13 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from escrow.errors import SettingsError
 
@@ -58,7 +61,8 @@ class Settings:
     """The effective configuration. Built by :func:`load_settings`; never mutated."""
 
     data_dir: Path
-    database_url: str
+    # repr=False: the URL may carry the database password (ESCROW_DATABASE_PASSWORD).
+    database_url: str = field(repr=False)
     keys_dir: Path
     master_passphrase: Secret | None
     public_url: str
@@ -95,6 +99,7 @@ class Settings:
     trusted_networks_require_tls: bool = True
     practice_contact: str = ""
     allow_self_signed: bool = False
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def is_production(self) -> bool:
@@ -286,6 +291,47 @@ def _networks(value: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network
     return tuple(networks)
 
 
+def _with_database_password(url: str, password: Secret | None) -> str:
+    """Put ``ESCROW_DATABASE_PASSWORD`` into a PostgreSQL URL that carries none.
+
+    The password can then come from a secrets file (``ESCROW_DATABASE_PASSWORD_FILE``)
+    while the URL itself stays in plain configuration.
+    """
+    if password is None:
+        return url
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise SettingsError("ESCROW_DATABASE_URL is not a valid database URL") from None
+    if parsed.get_backend_name() != "postgresql":
+        raise SettingsError(
+            "ESCROW_DATABASE_PASSWORD applies only to a postgresql+asyncpg:// "
+            "ESCROW_DATABASE_URL; unset it for SQLite"
+        )
+    if parsed.password is not None:
+        raise SettingsError(
+            "ESCROW_DATABASE_URL already holds a password and ESCROW_DATABASE_PASSWORD is set "
+            "too; remove the password from the URL and keep the secret"
+        )
+    return parsed.set(password=password.reveal()).render_as_string(hide_password=False)
+
+
+def _proxies(value: str) -> tuple[str, ...]:
+    proxies = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            raise SettingsError(
+                f"ESCROW_TRUSTED_PROXIES: {item!r} is not an address or network; "
+                "use addresses or CIDRs like 172.28.73.10 or 10.0.0.0/24"
+            ) from None
+        proxies.append(item)
+    return tuple(proxies)
+
+
 def _smarthost(value: str | None) -> tuple[str, int] | None:
     if value is None:
         return None
@@ -317,6 +363,7 @@ def load_settings(
     database_url = _database_url(
         r.text("ESCROW_DATABASE_URL", f"sqlite+aiosqlite:///{data_dir / 'escrow.db'}"), data_dir
     )
+    database_url = _with_database_password(database_url, r.secret("ESCROW_DATABASE_PASSWORD"))
     keys_dir = r.path("ESCROW_KEYS_DIR", data_dir / "keys", base=cwd)
     assert keys_dir is not None
 
@@ -402,4 +449,5 @@ def load_settings(
         trusted_networks_require_tls=r.boolean("ESCROW_TRUSTED_NETWORKS_REQUIRE_TLS", True),
         practice_contact=r.text("ESCROW_PRACTICE_CONTACT", ""),
         allow_self_signed=r.boolean("ESCROW_ALLOW_SELF_SIGNED", False),
+        trusted_proxies=_proxies(r.text("ESCROW_TRUSTED_PROXIES", "")),
     )

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+
 from escrow import migrate
 from escrow.db import Database
 from escrow.passwords import SecretHasher

@@ -1,0 +1,294 @@
+"""The SMTP listeners: authenticated submission into the escrow.
+
+* Submission (``ESCROW_SMTP_PORT``) requires STARTTLS before anything but
+  EHLO/NOOP/QUIT, and offers AUTH only after it; the optional implicit-TLS
+  listener (``ESCROW_SMTPS_PORT``) is encrypted from the first byte.
+* AUTH PLAIN and LOGIN check staff passwords with Argon2 in worker threads,
+  never on the event loop; the staff id rides in ``AuthResult.auth_data``.
+* Without AUTH, mail is accepted only from ``ESCROW_TRUSTED_NETWORKS``.
+* The envelope sender must be the signed-in staff member's address (or an
+  alias an admin allowed).
+* ``250`` after DATA means :meth:`escrow.intake.Intake.accept` committed;
+  any failure answers ``451`` so the client keeps the message and retries.
+* Concurrent large messages are bounded (aiosmtpd holds each in memory).
+* No exception text ever reaches the client: see :mod:`smtp.status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+
+from escrow.audit import Actor
+from escrow.intake import Submission
+from escrow.logs import mask_address
+from escrow.services import Services
+from smtp import status
+
+log = logging.getLogger(__name__)
+
+MAX_RECIPIENTS = 100
+# Messages declaring SIZE above this take a "large" slot; the slots bound memory.
+LARGE_MESSAGE_BYTES = 1024 * 1024
+# Memory budget for message bodies held at once (aiosmtpd keeps ~3 copies while reading).
+LARGE_MESSAGE_BUDGET = 256 * 1024 * 1024
+MAX_AUTH_FAILURES_PER_CONNECTION = 3
+
+
+@dataclass(frozen=True)
+class StaffLogin:
+    """What a successful AUTH leaves in ``session.auth_data``."""
+
+    staff_id: str
+    email: str
+
+
+class _Pending:
+    """Credentials parsed by aiosmtpd, waiting for the (async) check."""
+
+    def __init__(self, credentials: LoginPassword) -> None:
+        self.credentials = credentials
+
+    def __repr__(self) -> str:
+        return "_Pending(...)"
+
+
+def peer_ip(session: Session) -> str:
+    peer = session.peer
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return ""
+
+
+def plain_address(value: str) -> str | None:
+    """``value`` if it is one bare ``local@domain`` address, else None."""
+    if not value or len(value) > 320 or any(c.isspace() or c in '<>,;"()[]\\' for c in value):
+        return None
+    local, at, domain = value.rpartition("@")
+    if not at or not local or not domain or domain.startswith(".") or domain.endswith("."):
+        return None
+    return value
+
+
+class EscrowSMTP(SMTP):
+    """aiosmtpd's SMTP with asynchronous AUTH and bounded large messages."""
+
+    def __init__(self, handler: EscrowHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.implicit_tls = implicit_tls
+        self.auth_failures = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self._original_transport is None and getattr(self, "transport", None) is None
+        super().connection_made(transport)
+        if first and not self.implicit_tls and self.event_handler.plaintext_allowed(self.session):
+            # An admin let this trusted network relay without TLS (ESCROW_TRUSTED_NETWORKS_REQUIRE_TLS=false).
+            self.require_starttls = False
+
+    @property
+    def secure(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    # aiosmtpd calls its authenticator synchronously; Argon2 must not run on the
+    # loop. So the parsing hooks hand back the credentials and we check them here.
+    def _authenticate(self, mechanism: str, auth_data: Any) -> Any:
+        return _Pending(auth_data)
+
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._finish_auth(await super().auth_PLAIN(_, args))
+
+    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
+        return await self._finish_auth(await super().auth_LOGIN(_, args))
+
+    async def _finish_auth(self, result: Any) -> AuthResult:
+        if not isinstance(result, _Pending):
+            assert isinstance(result, AuthResult)
+            return result
+        handler: EscrowHandler = self.event_handler
+        return await handler.authenticate(self, result.credentials)
+
+    async def smtp_DATA(self, arg: str) -> None:
+        declared = declared_size(self.envelope.mail_options if self.envelope else [])
+        if declared > LARGE_MESSAGE_BYTES:
+            async with self.event_handler.large_slots:
+                await super().smtp_DATA(arg)
+        else:
+            await super().smtp_DATA(arg)
+
+
+def declared_size(mail_options: list[str]) -> int:
+    for option in mail_options:
+        name, _, value = option.partition("=")
+        if name.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return 0
+
+
+class EscrowHandler:
+    """The aiosmtpd handler: decides per command, stores in DATA, answers from the status table."""
+
+    def __init__(self, services: Services, *, max_message_bytes: int) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.large_slots = asyncio.Semaphore(
+            max(1, LARGE_MESSAGE_BUDGET // (3 * max_message_bytes))
+        )
+
+    def trusted(self, session: Session) -> bool:
+        try:
+            address = ipaddress.ip_address(peer_ip(session))
+        except ValueError:
+            return False
+        return any(address in network for network in self.settings.trusted_networks)
+
+    def plaintext_allowed(self, session: Session) -> bool:
+        return not self.settings.trusted_networks_require_tls and self.trusted(session)
+
+    def actor(self, session: Session, staff_id: str = "") -> Actor:
+        return Actor("smtp", id=staff_id, remote_addr=peer_ip(session))
+
+    async def authenticate(self, server: EscrowSMTP, credentials: LoginPassword) -> AuthResult:
+        session = server.session
+        assert session is not None
+        login = credentials.login.decode("utf-8", "replace").strip()
+        password = credentials.password.decode("utf-8", "replace")
+        if server.auth_failures >= MAX_AUTH_FAILURES_PER_CONNECTION:
+            return AuthResult(success=False, handled=False, message=status.AUTH_THROTTLED)
+        staff = await self.services.staff.authenticate(login, password)
+        if staff is None:
+            server.auth_failures += 1
+            await self.services.audit.log(
+                "smtp.auth_failed",
+                self.actor(session),
+                outcome="denied",
+                detail={"login": mask_address(login)},
+            )
+            log.info("SMTP AUTH failed for %s from %s", mask_address(login), peer_ip(session))
+            return AuthResult(success=False, handled=False)
+        await self.services.audit.log("smtp.auth_ok", self.actor(session, staff.id))
+        return AuthResult(success=True, auth_data=StaffLogin(staff.id, staff.email))
+
+    async def handle_MAIL(
+        self,
+        server: EscrowSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        login = session.auth_data if session.authenticated else None
+        if not isinstance(login, StaffLogin) and not self.trusted(session):
+            return status.AUTH_REQUIRED if server.secure else status.RELAY_DENIED
+        if not address:
+            return status.NULL_SENDER
+        if plain_address(address) is None:
+            return status.BAD_SENDER
+        if isinstance(login, StaffLogin):
+            staff = await self.services.staff.get(login.staff_id)
+            if (
+                staff is None
+                or staff.disabled
+                or not await self.services.staff.sender_allowed(staff, address)
+            ):
+                log.info(
+                    "refused envelope sender %s for staff %s", mask_address(address), login.staff_id
+                )
+                return status.SENDER_NOT_OWNED
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return status.SENDER_OK
+
+    async def handle_RCPT(
+        self,
+        server: EscrowSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if plain_address(address) is None:
+            return status.BAD_RECIPIENT
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return status.TOO_MANY_RECIPIENTS
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return status.RECIPIENT_OK
+
+    async def handle_DATA(self, server: EscrowSMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or envelope.content
+        if not isinstance(content, bytes) or not content.strip():
+            return status.EMPTY
+        if len(content) > self.settings.max_message_bytes:
+            return status.TOO_BIG
+        login = session.auth_data if session.authenticated else None
+        submission = Submission(
+            mail_from=envelope.mail_from or "",
+            recipients=list(envelope.rcpt_tos),
+            content=content,
+            staff_id=login.staff_id if isinstance(login, StaffLogin) else None,
+            remote_addr=peer_ip(session),
+        )
+        try:
+            accepted = await self.services.intake.accept(submission)
+        except Exception as exc:
+            # Nothing was committed; the client keeps the message and retries.
+            log.error("message not stored (%s); answered 451", type(exc).__name__)
+            return status.NOT_STORED
+        log.info(
+            "accepted message %s: %d escrowed, %d passed through",
+            accepted.message_id or "-",
+            accepted.escrowed,
+            accepted.passed_through,
+        )
+        return status.ACCEPTED
+
+    async def handle_exception(self, error: Exception) -> str:
+        # The default would send str(error) to the client.
+        log.error("SMTP session error (%s)", type(error).__name__)
+        return status.TRY_LATER
+
+
+async def start_smtp(services: Services, tls_context: ssl.SSLContext) -> list[asyncio.Server]:
+    """Bind the submission listener (and the implicit-TLS one if configured)."""
+    settings = services.settings
+    handler = EscrowHandler(services, max_message_bytes=settings.max_message_bytes)
+    loop = asyncio.get_running_loop()
+    common: dict[str, Any] = {
+        "data_size_limit": settings.max_message_bytes,
+        "enable_SMTPUTF8": True,
+        "decode_data": False,
+        "hostname": settings.smtp_hostname,
+        "ident": "escrow",
+        "timeout": 300,
+    }
+
+    def submission() -> EscrowSMTP:
+        return EscrowSMTP(
+            handler,
+            implicit_tls=False,
+            tls_context=tls_context,
+            require_starttls=True,
+            auth_require_tls=True,
+            **common,
+        )
+
+    def implicit() -> EscrowSMTP:
+        # Encrypted from the first byte: AUTH is safe without STARTTLS.
+        return EscrowSMTP(handler, implicit_tls=True, auth_require_tls=False, **common)
+
+    servers = [await loop.create_server(submission, settings.smtp_host, settings.smtp_port)]
+    log.info("SMTP submission (STARTTLS) on %s:%d", settings.smtp_host, settings.smtp_port)
+    if settings.smtps_port is not None:
+        servers.append(
+            await loop.create_server(
+                implicit, settings.smtp_host, settings.smtps_port, ssl=tls_context
+            )
+        )
+        log.info("SMTP implicit TLS on %s:%d", settings.smtp_host, settings.smtps_port)
+    return servers
