@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from escrow.services import Services
+from web.metrics import install_metrics
+from web.routes import install_portal
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +27,8 @@ def create_app(services: Services) -> Starlette:
 
     async def readyz(_request: Request) -> Response:
         try:
-            await services.db.ping()
+            # A hung database must make the probe fail, not hang.
+            await asyncio.wait_for(services.db.ping(), timeout=5)
             services.keyring.active_fingerprint  # noqa: B018 (raises if the keyring is closed)
         except Exception:
             log.warning("readiness check failed", exc_info=True)
@@ -37,7 +41,10 @@ def create_app(services: Services) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[dict[str, Services]]:
         yield {"services": services}
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/healthz", healthz), Route("/readyz", readyz)],
         lifespan=lifespan,
     )
+    install_portal(app, services)
+    install_metrics(app, services)
+    return app

@@ -1,0 +1,50 @@
+"""The recipient portal's domain services, built once and carried in :class:`Services`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from escrow.accesslog import AccessRecorder
+from escrow.activity import ActivityLog
+from escrow.audit import Audit
+from escrow.db import Database
+from escrow.mailbox import Mailbox
+from escrow.outbox import Outbox
+from escrow.passwords import SecretHasher
+from escrow.recipients import RecipientAccess
+from escrow.replies import Replies
+from escrow.sessions import SessionStore
+from escrow.settings import Settings
+from escrow.vault import Vault
+
+
+@dataclass
+class PortalServices:
+    """Sessions, recipient access, mailbox, replies and the activity log."""
+
+    sessions: SessionStore
+    recipients: RecipientAccess
+    mailbox: Mailbox
+    replies: Replies
+    activity: ActivityLog
+
+
+def build_portal(
+    settings: Settings,
+    db: Database,
+    vault: Vault,
+    audit: Audit,
+    hasher: SecretHasher,
+    outbox: Outbox,
+) -> PortalServices:
+    """Wire the portal services to the shared database, vault, audit log and outbox."""
+    # One group committer for every write a page view causes (audit, read marks, session touches).
+    recorder = AccessRecorder(db, audit)
+    sessions = SessionStore(settings, db, audit, recorder)
+    return PortalServices(
+        sessions=sessions,
+        recipients=RecipientAccess(settings, db, audit, hasher, sessions),
+        mailbox=Mailbox(settings, db, vault, audit, recorder),
+        replies=Replies(settings, db, vault, audit, outbox),
+        activity=ActivityLog(db),
+    )
