@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -126,7 +127,11 @@ class Settings:
 
 
 def read_dotenv(path: Path) -> dict[str, str]:
-    """Parse a ``.env`` file: ``NAME=value`` lines, ``#`` comments, optional quotes."""
+    """Parse a ``.env`` file: ``NAME=value`` lines, ``#`` comments, optional quotes.
+
+    As in Docker Compose, `` #`` after an unquoted value starts a comment;
+    quote a value that must contain it (``NAME="a #b"``).
+    """
     values: dict[str, str] = {}
     try:
         text = path.read_text(encoding="utf-8")
@@ -144,8 +149,14 @@ def read_dotenv(path: Path) -> dict[str, str]:
         if not sep or not name.strip():
             raise SettingsError(f"{path} line {number}: expected NAME=value")
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
-            value = value[1:-1]
+        if value[:1] in ("'", '"'):
+            end = value.find(value[0], 1)
+            rest = value[end + 1 :].strip() if end > 0 else ""
+            if end < 0 or (rest and not rest.startswith("#")):
+                raise SettingsError(f"{path} line {number}: unbalanced quotes around the value")
+            value = value[1:end]
+        else:
+            value = re.split(r"\s#", value, maxsplit=1)[0].rstrip()
         values[name.strip()] = value
     return values
 

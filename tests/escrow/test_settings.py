@@ -115,6 +115,30 @@ def test_dotenv_with_a_line_that_is_not_an_assignment_is_refused(tmp_path: Path)
         read_dotenv(path)
 
 
+def test_dotenv_comments_after_values_are_dropped_as_docker_compose_does(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text(
+        "ESCROW_WEB_PORT=9090   # the portal\n"
+        'ESCROW_PRACTICE_NAME="Riverside #2 Counselling"  # quoted: the # stays\n'
+        "ESCROW_NOTIFY_FROM='secure@riverside.example'\n"
+        "ESCROW_SMARTHOST_USER=user#1\n",
+        encoding="utf-8",
+    )
+    assert read_dotenv(path) == {
+        "ESCROW_WEB_PORT": "9090",
+        "ESCROW_PRACTICE_NAME": "Riverside #2 Counselling",
+        "ESCROW_NOTIFY_FROM": "secure@riverside.example",
+        "ESCROW_SMARTHOST_USER": "user#1",
+    }
+
+
+def test_dotenv_with_unbalanced_quotes_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / ".env"
+    path.write_text('ESCROW_PRACTICE_NAME="Riverside\n', encoding="utf-8")
+    with pytest.raises(SettingsError, match="line 1: unbalanced quotes"):
+        read_dotenv(path)
+
+
 def test_secret_from_a_file(tmp_path: Path) -> None:
     master = tmp_path / "master"
     master.write_text("correct horse battery staple\n", encoding="utf-8")
