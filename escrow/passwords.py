@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from escrow.cpu import BoundedRunner
+from escrow.cpu import BoundedRunner, background_threads
 
 # RFC 9106 section 4, second recommended option ("low memory").
 ARGON2_TIME_COST = 3
@@ -45,7 +45,8 @@ class SecretHasher:
         self._hasher = PasswordHasher(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism
         )
-        self._runner = BoundedRunner(concurrency)
+        # Low-priority threads: sign-ins wait a little under load rather than slow the pages.
+        self._runner = BoundedRunner(concurrency, background_threads(concurrency, "argon2"))
         # Checked against when no hash is stored, so an unknown account costs the same.
         self._dummy = self._hasher.hash("no account has this secret")
 
@@ -74,3 +75,7 @@ class SecretHasher:
     async def check(self, stored: str | None, secret: str) -> Check:
         """Whether ``secret`` matches ``stored`` (None: never matches, same cost)."""
         return await self._runner.run(self.check_sync, stored, secret)
+
+    def close(self) -> None:
+        """Release the hashing threads (idle ones end; a running check finishes)."""
+        self._runner.close()
