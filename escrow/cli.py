@@ -136,6 +136,66 @@ async def cmd_staff_disable(services: Services, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+async def _staff_id(services: Services, email: str) -> str:
+    staff = await services.staff_security.find(email)
+    if staff is None:
+        raise StaffError(f"no staff account for {email.strip().lower()}")
+    return staff.id
+
+
+async def cmd_staff_app_password_add(services: Services, args: argparse.Namespace) -> int:
+    """Create an SMTP app password and print it, once."""
+    staff_id = await _staff_id(services, args.email)
+    info, secret = await services.staff_security.create_app_password(
+        staff_id, args.name, actor=operator()
+    )
+    print(f"app password {info.name!r} for {args.email.strip().lower()} (shown only now):")
+    print(secret)
+    return EXIT_OK
+
+
+async def cmd_staff_app_password_list(services: Services, args: argparse.Namespace) -> int:
+    staff_id = await _staff_id(services, args.email)
+    print(f"{'name':32} {'created':17} {'last used':17} state")
+    for info in await services.staff_security.list_app_passwords(staff_id):
+        used = f"{info.last_used_at:%Y-%m-%d %H:%M}Z" if info.last_used_at else "never"
+        state = f"revoked {info.revoked_at:%Y-%m-%d}" if info.revoked_at else "live"
+        print(f"{info.name[:32]:32} {info.created_at:%Y-%m-%d %H:%M}Z {used:17} {state}")
+    return EXIT_OK
+
+
+async def cmd_staff_app_password_revoke(services: Services, args: argparse.Namespace) -> int:
+    staff_id = await _staff_id(services, args.email)
+    wanted = " ".join(args.name.split()).casefold()
+    live = [
+        info
+        for info in await services.staff_security.list_app_passwords(staff_id)
+        if info.live and info.name.casefold() == wanted
+    ]
+    if not live:
+        raise StaffError(f"no app password named {args.name!r} in use")
+    for info in live:
+        await services.staff_security.revoke_app_password(staff_id, info.id, actor=operator())
+    print(f"revoked app password {live[0].name!r}")
+    return EXIT_OK
+
+
+async def cmd_staff_reset_totp(services: Services, args: argparse.Namespace) -> int:
+    """Remove a staff member's second factor; their next console sign-in enrols a new one."""
+    staff_id = await _staff_id(services, args.email)
+    await services.staff_security.reset_second_factor(staff_id, actor=operator())
+    print(f"second factor removed for {args.email.strip().lower()}: they enrol again at sign-in")
+    return EXIT_OK
+
+
+async def cmd_staff_unlock(services: Services, args: argparse.Namespace) -> int:
+    """Lift a staff lock after failed sign-in attempts."""
+    staff_id = await _staff_id(services, args.email)
+    await services.staff_security.unlock(staff_id, actor=operator())
+    print(f"unlocked {args.email.strip().lower()}")
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- recipients
 
 
@@ -238,6 +298,19 @@ async def cmd_audit_export(
     return EXIT_OK
 
 
+# ---------------------------------------------------------------- retention
+
+
+async def cmd_purge(services: Services, _args: argparse.Namespace) -> int:
+    """Apply retention now: expire messages past their TTL, purge content past retention."""
+    report = await services.lifecycle.apply_retention()
+    print(
+        f"expired {report.expired} messages; purged the content of {report.purged} messages "
+        f"(older than {services.settings.vault_retention_days} days, none on legal hold)"
+    )
+    return EXIT_OK
+
+
 # ---------------------------------------------------------------- serve
 
 
@@ -303,6 +376,10 @@ async def serve(
             ) from None
     if worker:
         tasks.append(asyncio.create_task(OutboxWorker(services).run(stop), name="worker"))
+        # Retention runs with the worker: now, then hourly (every replica may; runs are safe together).
+        tasks.append(
+            asyncio.create_task(services.lifecycle.run_periodically(stop), name="retention")
+        )
         if settings.smarthost is None:
             log.warning(
                 "DEVELOPMENT: no ESCROW_SMARTHOST; outgoing mail is written to %s",
@@ -383,6 +460,31 @@ def parser() -> argparse.ArgumentParser:
     add("disable", "disable a staff account", staff, services=cmd_staff_disable).add_argument(
         "email"
     )
+    app_passwords = staff.add_parser(
+        "app-password", help="SMTP app passwords (one per mail client)"
+    ).add_subparsers(dest="app_password", required=True)
+    app_add = add(
+        "add",
+        "create an app password and print it once",
+        app_passwords,
+        services=cmd_staff_app_password_add,
+    )
+    app_add.add_argument("email")
+    app_add.add_argument("name", help='the mail client or device, e.g. "iPhone"')
+    add(
+        "list", "list app passwords", app_passwords, services=cmd_staff_app_password_list
+    ).add_argument("email")
+    app_revoke = add(
+        "revoke", "revoke an app password", app_passwords, services=cmd_staff_app_password_revoke
+    )
+    app_revoke.add_argument("email")
+    app_revoke.add_argument("name")
+    add(
+        "reset-totp", "remove a staff second factor", staff, services=cmd_staff_reset_totp
+    ).add_argument("email")
+    add(
+        "unlock", "lift a staff lock after failed sign-ins", staff, services=cmd_staff_unlock
+    ).add_argument("email")
 
     recipient = sub.add_parser("recipient", help="recipients (clients)").add_subparsers(
         dest="sub", required=True
@@ -418,6 +520,11 @@ def parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="database").add_subparsers(dest="sub", required=True)
     add("upgrade", "run pending migrations", db, settings_only=cmd_db_upgrade)
+    add(
+        "purge",
+        "apply retention now: expire messages past their TTL, purge content past retention",
+        services=cmd_purge,
+    )
     return p
 
 

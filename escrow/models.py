@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -74,11 +75,40 @@ class Staff(Base):
     role: Mapped[str] = mapped_column(String(16), default="staff")  # staff | admin
     password_hash: Mapped[str] = mapped_column(String(200))
     totp_secret: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # sealed
+    totp_enrolled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The last TOTP time step accepted: a code is never accepted twice.
+    totp_last_step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     failed_logins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class AppPassword(Base):
+    """A named, revocable SMTP password for one mail client or device (Argon2id hash)."""
+
+    __tablename__ = "app_password"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    staff_id: Mapped[str] = mapped_column(ForeignKey("staff.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class RecoveryCode(Base):
+    """A one-time second-factor code for a staff member who lost their authenticator."""
+
+    __tablename__ = "recovery_code"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    staff_id: Mapped[str] = mapped_column(ForeignKey("staff.id", ondelete="CASCADE"), index=True)
+    code_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 
 class StaffAlias(Base):
@@ -114,6 +144,19 @@ class Message(Base):
     __table_args__ = (
         Index("ix_message_staff_created", "staff_id", "created_at"),
         Index("ix_message_expires", "expires_at"),
+        # The retention sweeps (escrow.lifecycle): only messages still to expire or purge.
+        Index(
+            "ix_message_unexpired",
+            "expires_at",
+            sqlite_where=text("expired_at IS NULL"),
+            postgresql_where=text("expired_at IS NULL"),
+        ),
+        Index(
+            "ix_message_unpurged",
+            "created_at",
+            sqlite_where=text("purged_at IS NULL"),
+            postgresql_where=text("purged_at IS NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

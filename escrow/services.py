@@ -17,12 +17,15 @@ from escrow.cpu import BoundedRunner
 from escrow.db import Database
 from escrow.errors import SettingsError
 from escrow.intake import Intake
+from escrow.lifecycle import Lifecycle
 from escrow.links import LinkTokens
 from escrow.outbox import Outbox
 from escrow.passwords import SecretHasher
 from escrow.portal import PortalServices, build_portal
+from escrow.receipts import ReadReceipts
 from escrow.settings import Settings
 from escrow.staff import StaffDirectory
+from escrow.staff_security import StaffSecurity
 from escrow.vault import Vault
 from keys import VaultKeyring
 
@@ -75,13 +78,17 @@ class Services:
     audit: Audit
     hasher: SecretHasher
     staff: StaffDirectory
+    staff_security: StaffSecurity
     outbox: Outbox
     intake: Intake
     links: LinkTokens
     portal: PortalServices
+    lifecycle: Lifecycle
+    receipts: ReadReceipts
 
     async def aclose(self) -> None:
         await self.db.dispose()
+        self.hasher.close()
         self.keyring.close()
 
 
@@ -96,6 +103,7 @@ def build_services(settings: Settings, *, hasher: SecretHasher | None = None) ->
     vault = Vault(keyring, crypto_threads)
     outbox = Outbox(settings, db, vault, audit)
     links = LinkTokens(passphrase)
+    receipts = ReadReceipts(settings, db, outbox)
     return Services(
         settings=settings,
         db=db,
@@ -104,8 +112,11 @@ def build_services(settings: Settings, *, hasher: SecretHasher | None = None) ->
         audit=audit,
         hasher=hasher,
         staff=StaffDirectory(db, hasher, audit),
+        staff_security=StaffSecurity(settings, db, hasher, audit, vault),
         outbox=outbox,
         intake=Intake(settings, db, vault, audit, outbox, links),
         links=links,
-        portal=build_portal(settings, db, vault, audit, hasher, outbox),
+        portal=build_portal(settings, db, vault, audit, hasher, outbox, receipts),
+        lifecycle=Lifecycle(settings, db, audit),
+        receipts=receipts,
     )

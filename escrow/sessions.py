@@ -40,7 +40,8 @@ from escrow.settings import Settings
 
 TOKEN_BYTES = 32
 TOUCH_INTERVAL = timedelta(seconds=30)
-STAGES = ("link", "code", "full")
+# ``mfa``: a staff member proved the password; the second factor is still to come.
+STAGES = ("link", "code", "mfa", "full")
 
 
 def session_token_hash(token: str) -> str:
@@ -250,13 +251,18 @@ class SessionStore:
         self, session: AsyncSession, principal_type: str, principal_id: str
     ) -> int:
         """End every live session of one principal (staff reset); returns how many."""
-        result = await session.execute(
-            update(WebSession)
-            .where(
-                WebSession.principal_type == principal_type,
-                WebSession.principal_id == principal_id,
-                WebSession.ended_at.is_(None),
-            )
-            .values(ended_at=utcnow())
+        return await end_sessions_of(session, principal_type, principal_id)
+
+
+async def end_sessions_of(session: AsyncSession, principal_type: str, principal_id: str) -> int:
+    """End every live session of one principal inside the caller's transaction; how many."""
+    result = await session.execute(
+        update(WebSession)
+        .where(
+            WebSession.principal_type == principal_type,
+            WebSession.principal_id == principal_id,
+            WebSession.ended_at.is_(None),
         )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        .values(ended_at=utcnow())
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -3,8 +3,11 @@
 * Submission (``ESCROW_SMTP_PORT``) requires STARTTLS before anything but
   EHLO/NOOP/QUIT, and offers AUTH only after it; the optional implicit-TLS
   listener (``ESCROW_SMTPS_PORT``) is encrypted from the first byte.
-* AUTH PLAIN and LOGIN check staff passwords with Argon2 in worker threads,
-  never on the event loop; the staff id rides in ``AuthResult.auth_data``.
+* AUTH PLAIN and LOGIN take a staff member's app passwords, or the account
+  password while no second factor is enrolled
+  (:meth:`escrow.staff_security.StaffSecurity.authenticate_smtp`), checked with
+  Argon2 in worker threads, never on the event loop; the staff id rides in
+  ``AuthResult.auth_data``.
 * Without AUTH, mail is accepted only from ``ESCROW_TRUSTED_NETWORKS``.
 * The envelope sender must be the signed-in staff member's address (or an
   alias an admin allowed).
@@ -160,8 +163,10 @@ class EscrowHandler:
         password = credentials.password.decode("utf-8", "replace")
         if server.auth_failures >= MAX_AUTH_FAILURES_PER_CONNECTION:
             return AuthResult(success=False, handled=False, message=status.AUTH_THROTTLED)
-        staff = await self.services.staff.authenticate(login, password)
-        if staff is None:
+        result = await self.services.staff_security.authenticate_smtp(
+            login, password, actor=self.actor(session)
+        )
+        if result is None:
             server.auth_failures += 1
             await self.services.audit.log(
                 "smtp.auth_failed",
@@ -171,7 +176,14 @@ class EscrowHandler:
             )
             log.info("SMTP AUTH failed for %s from %s", mask_address(login), peer_ip(session))
             return AuthResult(success=False, handled=False)
-        await self.services.audit.log("smtp.auth_ok", self.actor(session, staff.id))
+        staff = result.staff
+        # App password names are chosen by staff ("iPhone"): never health information.
+        detail = (
+            {"app_password": result.app_password_name}
+            if result.app_password_name is not None
+            else {"account_password": True}
+        )
+        await self.services.audit.log("smtp.auth_ok", self.actor(session, staff.id), detail=detail)
         return AuthResult(success=True, auth_data=StaffLogin(staff.id, staff.email))
 
     async def handle_MAIL(
