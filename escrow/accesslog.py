@@ -15,6 +15,8 @@ second under load, so :class:`AccessRecorder` commits reads in groups:
   in the same transactions and are not waited for: losing one only makes a
   session time out a little sooner. Without this, every session touched in
   the same half-minute would queue its own write behind the others.
+* A delivery's first read mark also queues its read receipt, in the same
+  transaction, when receipts are on (:mod:`escrow.receipts`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sqlalchemy import case, func, update
 from escrow.audit import Audit, EventSpec
 from escrow.db import Database
 from escrow.models import Delivery, WebSession, utcnow
+from escrow.receipts import ReadReceipts
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,10 @@ class _Pending:
 class AccessRecorder:
     """Group-commits read events (see the module promises)."""
 
-    def __init__(self, db: Database, audit: Audit) -> None:
+    def __init__(self, db: Database, audit: Audit, receipts: ReadReceipts | None = None) -> None:
         self._db = db
         self._audit = audit
+        self._receipts = receipts
         self._queue: list[_Pending] = []
         self._touches: set[str] = set()
         self._committer: asyncio.Task[None] | None = None
@@ -88,6 +92,7 @@ class AccessRecorder:
     async def _commit(self, batch: list[_Pending], touches: list[str]) -> None:
         now = utcnow()
         deliveries = sorted({p.mark_read for p in batch if p.mark_read is not None})
+        receipts = 0
         async with self._db.write() as session:
             if touches:
                 await session.execute(
@@ -97,6 +102,8 @@ class AccessRecorder:
                     .execution_options(synchronize_session=False)
                 )
             if deliveries:
+                if self._receipts is not None:
+                    receipts = await self._receipts.mark_first_reads(session, deliveries, now)
                 await session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(deliveries))
@@ -109,3 +116,5 @@ class AccessRecorder:
                 )
             if batch:
                 await self._audit.record_many(session, [p.spec for p in batch])
+        if receipts and self._receipts is not None:
+            self._receipts.wake()

@@ -31,6 +31,10 @@ class StaffError(EscrowError):
     """A staff account operation was refused (duplicate address, unknown account)."""
 
 
+class LifecycleError(EscrowError):
+    """A revocation or legal hold was refused: unknown message or not allowed (one error for both)."""
+
+
 class AuditChainBroken(EscrowError):
     """The audit hash chain does not verify; ``seq`` is the first bad event."""
 

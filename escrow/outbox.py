@@ -256,6 +256,13 @@ class Outbox:
                 for j in mine
                 if j.kind == "reply"
             ]
+            events += [
+                EventSpec(
+                    "receipt.sent", SYSTEM, message_id=j.message_id, delivery_id=j.delivery_id
+                )
+                for j in mine
+                if j.kind == "receipt"
+            ]
             await self._audit.record_many(session, events)
         return len(mine)
 

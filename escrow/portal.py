@@ -11,6 +11,7 @@ from escrow.db import Database
 from escrow.mailbox import Mailbox
 from escrow.outbox import Outbox
 from escrow.passwords import SecretHasher
+from escrow.receipts import ReadReceipts
 from escrow.recipients import RecipientAccess
 from escrow.replies import Replies
 from escrow.sessions import SessionStore
@@ -36,10 +37,12 @@ def build_portal(
     audit: Audit,
     hasher: SecretHasher,
     outbox: Outbox,
+    receipts: ReadReceipts | None = None,
 ) -> PortalServices:
     """Wire the portal services to the shared database, vault, audit log and outbox."""
-    # One group committer for every write a page view causes (audit, read marks, session touches).
-    recorder = AccessRecorder(db, audit)
+    # One group committer for every write a page view causes (audit, read marks, session touches,
+    # and the read receipt a first read queues).
+    recorder = AccessRecorder(db, audit, receipts or ReadReceipts(settings, db, outbox))
     sessions = SessionStore(settings, db, audit, recorder)
     return PortalServices(
         sessions=sessions,

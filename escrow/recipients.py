@@ -4,8 +4,9 @@ Promises:
 
 * :meth:`RecipientAccess.open_link` finds a delivery by the SHA-256 of its
   token and audits ``link.opened`` whatever the outcome (``ok``,
-  ``unknown``, ``withdrawn``, ``expired``); for anything but ``ok`` the
-  caller learns only "no", so every unusable link looks the same.
+  ``unknown``, ``withdrawn``, ``expired``). A withdrawn message's link says
+  so (:class:`LinkWithdrawn`: the practice withdrew it, nothing more);
+  unknown and expired links learn only "no", so they look the same.
 * First visit: the first-access code if staff set one, then consent
   (``consent.given``, once per recipient), then a passphrase of adequate
   strength (:mod:`escrow.strength`; ``passphrase.set``). Later visits: the
@@ -87,6 +88,11 @@ class LinkTarget:
 
 
 @dataclass(frozen=True)
+class LinkWithdrawn:
+    """A real link whose message the practice withdrew: no ids, no subject, no date."""
+
+
+@dataclass(frozen=True)
 class RecipientState:
     id: str
     email: str
@@ -161,8 +167,8 @@ class RecipientAccess:
 
     # ------------------------------------------------------------ link and state
 
-    async def open_link(self, token: str, actor: Actor) -> LinkTarget | None:
-        """The delivery a usable link points to, or None (unknown, withdrawn, expired). Audited."""
+    async def open_link(self, token: str, actor: Actor) -> LinkTarget | LinkWithdrawn | None:
+        """The delivery a usable link points to, LinkWithdrawn, or None (unknown, expired). Audited."""
         now = utcnow()
         digest = token_hash(token) if _TOKEN_SHAPE.fullmatch(token) else None
         async with self._db.write() as session:
@@ -189,6 +195,8 @@ class RecipientAccess:
                 delivery_id=delivery.id,
                 outcome="ok" if state == "available" else state,
             )
+            if state == "withdrawn":
+                return LinkWithdrawn()
             if state != "available":
                 return None
             if delivery.opened_at is None:

@@ -1,4 +1,4 @@
-"""Mail the server writes itself: notifications and bounce notices.
+"""Mail the server writes itself: notifications, bounce notices and read receipts.
 
 A notification says who the practice is and carries the link; nothing else.
 No subject, body, attachment name or sender's free text of the escrowed
@@ -12,6 +12,7 @@ import functools
 import html
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.policy import SMTP, SMTPUTF8
@@ -141,6 +142,37 @@ def bounce(
         )
     message.set_content(
         f"{opening}{listed}\n\nReason: {reason}\nReference: {reference or '-'}\n\n{closing}"
+    )
+    return _serialise(message, to)
+
+
+def read_receipt(
+    settings: Settings,
+    *,
+    job_id: str,
+    to: str,
+    recipient: str,
+    read_at: datetime,
+    original_message_id: str = "",
+) -> bytes:
+    """Tell a sender that their secure message to ``recipient`` was opened, and when.
+
+    No subject, no body, no attachment names: only the client's address, the
+    time and the practice. Threaded under the original (by Message-ID) so it
+    sits with the sent message in the sender's mail client.
+    """
+    if any(c in recipient for c in "\r\n") or any(c in original_message_id for c in "\r\n"):
+        raise ValueError("refusing to build a read receipt from malformed input")
+    message = _base(settings, job_id=job_id, to=to, subject="Secure message opened", kind="receipt")
+    if original_message_id:
+        message["In-Reply-To"] = original_message_id
+        message["References"] = original_message_id
+    moment = read_at.astimezone(UTC)
+    opened = f"{moment.day} {moment:%B %Y} at {moment:%H:%M} UTC"
+    message.set_content(
+        f"Your secure message to {recipient} was opened on {opened}.\n\n"
+        "For privacy this notice carries no part of the message.\n\n"
+        f"-- \n{settings.practice_name} secure messages\n"
     )
     return _serialise(message, to)
 

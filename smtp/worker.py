@@ -243,6 +243,19 @@ class OutboxWorker:
             return compose.notification(
                 self.settings, job_id=job.id, to=job.rcpt_to[0], token=token
             )
+        if job.kind == "receipt":
+            assert job.delivery_id is not None
+            facts = await self.services.receipts.facts(job.delivery_id)
+            if facts is None:
+                raise PermanentFailure("read receipt: the delivery is gone")
+            return compose.read_receipt(
+                self.settings,
+                job_id=job.id,
+                to=job.rcpt_to[0],
+                recipient=facts.recipient,
+                read_at=facts.read_at,
+                original_message_id=facts.original_message_id,
+            )
         payload = await self.outbox.open_payload(job)
         if job.kind == "bounce":
             notice = json.loads(payload)

@@ -2,8 +2,11 @@
 
 Promises:
 
-* An unknown, withdrawn or expired link gets one neutral page: the same
-  status (404) and the same bytes whatever the reason, and no cookie.
+* An unknown or expired link gets one neutral page: the same status (404)
+  and the same bytes whatever the reason, and no cookie. A withdrawn
+  message's link says only that the practice withdrew it (410, no cookie,
+  no subject or date): whoever holds the link already knows a message was
+  sent, so this tells them nothing new, and spares the client a puzzle.
 * A usable link starts a ``link`` session bound to its delivery and
   redirects to ``/access`` at once, so the token leaves the address bar
   and the history entry that follows.
@@ -27,7 +30,7 @@ from starlette.routing import BaseRoute, Route
 from escrow.lockout import is_locked
 from escrow.models import utcnow
 from escrow.passwords import MAX_SECRET_CHARS
-from escrow.recipients import Outcome, RecipientState, Step, next_step
+from escrow.recipients import LinkWithdrawn, Outcome, RecipientState, Step, next_step
 from escrow.sessions import SessionView, Started
 from escrow.strength import MIN_CHARS
 from web.forms import FormInvalid, FormTooLarge, field, read_form
@@ -66,6 +69,10 @@ class LinkRoutes:
         if target is None:
             return self.portal.page(
                 "link_unavailable.html", view=None, status=404, title="This link cannot be used"
+            )
+        if isinstance(target, LinkWithdrawn):
+            return self.portal.page(
+                "link_withdrawn.html", view=None, status=410, title="This message was withdrawn"
             )
         current = (await self.portal.current(request)).session
         if (
