@@ -15,6 +15,7 @@ from starlette.routing import Route
 from escrow.services import Services
 from web.metrics import install_metrics
 from web.routes import install_portal
+from web.staff import install_console
 
 log = logging.getLogger(__name__)
 
@@ -46,5 +47,6 @@ def create_app(services: Services) -> Starlette:
         lifespan=lifespan,
     )
     install_portal(app, services)
+    install_console(app, services)
     install_metrics(app, services)
     return app
