@@ -1,4 +1,4 @@
-"""The layers of DESIGN.md, checked on the source: keys <- escrow <- smtp, web.
+"""The layers of the design (README, "Design and security"), checked on the source: keys <- escrow <- smtp, web.
 
 Only ``keys/`` speaks PGPy. ``keys/`` and ``escrow/`` import no SMTP or web
 framework and none of the upper packages, except ``escrow/cli.py``, the one
