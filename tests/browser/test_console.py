@@ -13,11 +13,9 @@ the console pages; screenshots land in ``test-artifacts/``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
@@ -27,13 +25,19 @@ from typing import Any
 
 import pyotp
 import pytest
-import uvicorn
 from sqlalchemy import select
 
 from escrow.audit import Actor
 from escrow.models import Delivery
-from tests.browser.test_portal import AXE, CHROMIUM, CHROMIUM_ARGS, axe_check, snapshot
-from tests.conftest import require
+from tests.browser.support import (
+    AXE,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    axe_check,
+    require_browser,
+    snapshot,
+    web_server,
+)
 from tests.smtp.conftest import (
     STAFF_EMAIL,
     STAFF_PASSWORD,
@@ -44,7 +48,6 @@ from tests.smtp.conftest import (
     running_escrow,
     submit,
 )
-from web.app import create_app
 
 pytestmark = pytest.mark.browser
 
@@ -57,12 +60,6 @@ READ_SUBJECT = "Notes from Thursday"
 REVOKED_SUBJECT = "Plan for next week"
 
 
-class _Uvicorn(uvicorn.Server):
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
 @dataclass
 class Site:
     escrow: EscrowServer
@@ -72,19 +69,8 @@ class Site:
 
 
 @pytest.fixture
-def sink() -> Iterator[Sink]:
-    running = Sink()
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
 async def site(tmp_path: Path, sink: Sink) -> AsyncIterator[Site]:
-    require(shutil.which("chromium") is not None, "chromium is not installed")
-    require(AXE.is_file(), "axe-core is not installed (npm install)")
+    require_browser()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     async with running_escrow(
@@ -105,22 +91,8 @@ async def site(tmp_path: Path, sink: Sink) -> AsyncIterator[Site]:
         await services.staff_security.enrol_totp(
             admin.id, admin_secret, pyotp.TOTP(admin_secret).now(), actor=operator
         )
-        config = uvicorn.Config(
-            create_app(services),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-        server = _Uvicorn(config)
-        task = asyncio.create_task(server.serve())
-        await eventually(lambda: server.started, timeout=20, what="uvicorn to start")
-        try:
+        async with web_server(escrow.services, port):
             yield Site(escrow, sink, base, admin_secret)
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 20)
 
 
 def message(subject: str) -> bytes:

@@ -11,22 +11,26 @@ stays on while it runs. Screenshots land in ``test-artifacts/``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.utils import make_msgid, parseaddr
 from pathlib import Path
-from typing import Any
 
 import pytest
-import uvicorn
 
-from tests.conftest import require
+from tests.browser.support import (
+    AXE,
+    CHROMIUM,
+    CHROMIUM_ARGS,
+    axe_check,
+    require_browser,
+    snapshot,
+    web_server,
+)
 from tests.smtp.conftest import (
     STAFF_EMAIL,
     STAFF_PASSWORD,
@@ -38,36 +42,14 @@ from tests.smtp.conftest import (
     submit,
 )
 from tests.web.helpers import PDF, PNG
-from web.app import create_app
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-AXE = ROOT / "node_modules" / "axe-core" / "axe.min.js"
-ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--headless=new",
-]
 CLIENT = "sam.client@example.org"
 PASSPHRASE = "copper kettle under seven maple leaves"
 REPLY_TEXT = "Thank you, Tuesday at ten works for me."
 REPLY_PDF = b"%PDF-1.4\n% the client's diary\n" + bytes(range(256)) * 4 + b"\n%%EOF\n"
 BODY_TEXT = "Here are the notes we talked about"
-
-
-class _Uvicorn(uvicorn.Server):
-    """uvicorn without signal handling of its own: the test owns the process."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @dataclass
@@ -78,19 +60,8 @@ class Site:
 
 
 @pytest.fixture
-def sink() -> Iterator[Sink]:
-    running = Sink()
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-
-
-@pytest.fixture
 async def site(tmp_path: Path, sink: Sink) -> AsyncIterator[Site]:
-    require(shutil.which("chromium") is not None, "chromium is not installed")
-    require(AXE.is_file(), "axe-core is not installed (npm install)")
+    require_browser()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'escrow.db'}"
@@ -103,22 +74,8 @@ async def site(tmp_path: Path, sink: Sink) -> AsyncIterator[Site]:
         ESCROW_INTERNAL_DOMAINS="",
     ) as escrow:
         await escrow.add_staff()
-        config = uvicorn.Config(
-            create_app(escrow.services),
-            host="127.0.0.1",
-            port=port,
-            log_config=None,
-            access_log=False,
-            lifespan="on",
-        )
-        server = _Uvicorn(config)
-        task = asyncio.create_task(server.serve())
-        await eventually(lambda: server.started, timeout=20, what="uvicorn to start")
-        try:
+        async with web_server(escrow.services, port):
             yield Site(escrow, sink, base)
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(task, 20)
 
 
 def original_message(message_id: str) -> bytes:
@@ -144,28 +101,6 @@ def parse(data: bytes) -> EmailMessage:
     message = BytesParser(policy=policy.default).parsebytes(data)
     assert isinstance(message, EmailMessage)
     return message
-
-
-async def axe_check(page: Any, base: str, name: str) -> None:
-    """No serious or critical axe-core violations on this page (CSP left on)."""
-    await page.add_script_tag(url=f"{base}/__test__/axe.min.js")
-    result = await page.evaluate(
-        "async () => (await axe.run(document, {resultTypes: ['violations']})).violations"
-        ".map(v => ({id: v.id, impact: v.impact, nodes: v.nodes.map(n => n.target.join(' '))}))"
-    )
-    bad = [v for v in result if v["impact"] in ("serious", "critical")]
-    assert bad == [], f"{name}: {bad}"
-
-
-async def snapshot(page: Any, name: str) -> None:
-    """Screenshots at phone and desktop sizes; nothing may scroll sideways at 320 px."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    for width, height in ((375, 740), (1280, 800)):
-        await page.set_viewport_size({"width": width, "height": height})
-        await page.screenshot(path=str(ARTIFACTS / f"{name}-{width}x{height}.png"), full_page=True)
-    await page.set_viewport_size({"width": 320, "height": 640})
-    assert await page.evaluate("document.documentElement.scrollWidth") <= 320, name
-    await page.set_viewport_size({"width": 1280, "height": 800})
 
 
 async def test_round_trip_in_a_real_browser(site: Site) -> None:

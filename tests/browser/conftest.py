@@ -1,0 +1,5 @@
+"""Fixtures for the browser tests (see :mod:`tests.browser.support`)."""
+
+from tests.browser.support import sink
+
+__all__ = ["sink"]
