@@ -32,6 +32,7 @@ from escrow.db import Database
 from escrow.devcert import ensure_dev_certificate
 from escrow.errors import AuditChainBroken, EscrowError, SettingsError, StaffError
 from escrow.logs import configure_logging
+from escrow.memory import return_large_blocks_to_the_system
 from escrow.production import check_smtp_certificate, smtp_certificate
 from escrow.services import Services, build_services, resolve_master_passphrase
 from escrow.settings import Settings, load_settings
@@ -339,6 +340,7 @@ async def serve(
 ) -> None:
     """Run the chosen parts on one event loop until SIGTERM or SIGINT, then stop them cleanly."""
     settings = services.settings
+    return_large_blocks_to_the_system()
     # Refuse a bad certificate (SettingsError) before anything listens.
     tls = server_context(*smtp_certificate(settings)) if smtp else None
     stop = asyncio.Event()
