@@ -215,8 +215,7 @@ async def read_loop(
 
 
 async def sign_in_loop(base: str, signer: Signer, stop: asyncio.Event, done: list[float]) -> None:
-    # A sign-in queues behind others for the hashing threads, which yield to pages under load.
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base) as client:
         while not stop.is_set():
             client.cookies.clear()
             page = await client.get(signer.link, follow_redirects=True)

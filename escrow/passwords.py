@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
-from escrow.cpu import BoundedRunner, background_threads
+from escrow.cpu import BoundedRunner
 
 # RFC 9106 section 4, second recommended option ("low memory").
 ARGON2_TIME_COST = 3
@@ -45,8 +45,7 @@ class SecretHasher:
         self._hasher = PasswordHasher(
             time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism
         )
-        # Low-priority threads: sign-ins wait a little under load rather than slow the pages.
-        self._runner = BoundedRunner(concurrency, background_threads(concurrency, "argon2"))
+        self._runner = BoundedRunner(concurrency)
         # Checked against when no hash is stored, so an unknown account costs the same.
         self._dummy = self._hasher.hash("no account has this secret")
 
@@ -75,7 +74,3 @@ class SecretHasher:
     async def check(self, stored: str | None, secret: str) -> Check:
         """Whether ``secret`` matches ``stored`` (None: never matches, same cost)."""
         return await self._runner.run(self.check_sync, stored, secret)
-
-    def close(self) -> None:
-        """Release the hashing threads (idle ones end; a running check finishes)."""
-        self._runner.close()

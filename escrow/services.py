@@ -88,7 +88,6 @@ class Services:
 
     async def aclose(self) -> None:
         await self.db.dispose()
-        self.hasher.close()
         self.keyring.close()
 
 

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-import threading
 
 import pytest
 from argon2 import PasswordHasher
 
-from escrow.cpu import BACKGROUND_NICE
 from escrow.passwords import MAX_SECRET_CHARS, Check, SecretHasher
 from tests.conftest import fast_hasher
 
@@ -125,24 +121,3 @@ def test_wrong_secret_never_yields_a_new_hash(production: SecretHasher) -> None:
     check = production.check_sync(old, "wrong horse battery staple")
     assert not check.ok
     assert check.new_hash is None
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
-async def test_checks_run_at_background_priority_so_sign_ins_yield_to_pages(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    hasher = fast_hasher()
-    niceness: list[int] = []
-    check_sync = hasher.check_sync
-
-    def observed(stored: str | None, secret: str) -> Check:
-        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        return check_sync(stored, secret)
-
-    monkeypatch.setattr(hasher, "check_sync", observed)
-    try:
-        assert await hasher.check(None, "anything") == Check(ok=False)
-    finally:
-        hasher.close()
-    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    assert niceness == [min(19, mine + BACKGROUND_NICE)]
