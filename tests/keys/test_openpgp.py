@@ -154,3 +154,24 @@ def test_concurrent_decryption_from_eight_threads(shared_ring: VaultKeyring) -> 
 
     assert len(outcomes) == 8 * 8 * 2
     assert all(outcomes)
+
+
+def test_pgpy_cipher_table_is_built_once() -> None:
+    """keys.openpgp memoises PGPy's per-access cipher table (a namedtuple class each time)."""
+    import warnings
+
+    from cryptography.hazmat.primitives.ciphers import algorithms
+
+    from keys import openpgp
+
+    SymmetricKeyAlgorithm = openpgp.SymmetricKeyAlgorithm
+    twofish = SymmetricKeyAlgorithm.Twofish256
+    assert twofish.cipher is twofish.cipher  # PGPy itself returns a new object every time
+    assert twofish.block_size == 128
+    assert SymmetricKeyAlgorithm.AES256.cipher is algorithms.AES
+    assert SymmetricKeyAlgorithm.AES256.block_size == 128
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # cryptography's TripleDES deprecation no longer fires
+        assert SymmetricKeyAlgorithm.TripleDES.block_size == 64
+    with pytest.raises(NotImplementedError):
+        SymmetricKeyAlgorithm.Plaintext.cipher  # noqa: B018 (PGPy's own refusal)
