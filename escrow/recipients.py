@@ -12,8 +12,8 @@ Promises:
   strength (:mod:`escrow.strength`; ``passphrase.set``). Later visits: the
   passphrase. Each success that proves the passphrase ends the link session
   and starts a new ``full`` one in the same transaction (``login.ok``).
-* Passphrases and codes are checked with Argon2id off the event loop, on
-  low-priority threads of their own (:class:`RecipientHashing`); a stale
+* Passphrases and codes are checked with Argon2id off the event loop, a
+  bounded number at a time (:class:`escrow.passwords.SecretHasher`); a stale
   hash is replaced on success. Failures (``login.failed``) are
   counted per recipient and per remote address (:mod:`escrow.lockout`);
   reaching the limit locks the recipient (``recipient.locked``). While
@@ -45,7 +45,6 @@ from escrow.links import token_hash
 from escrow.lockout import AddressThrottle, is_locked, lock_delay
 from escrow.models import Delivery, Message, Recipient, utcnow
 from escrow.passwords import MAX_SECRET_CHARS, SecretHasher
-from escrow.recipient_hashing import RecipientHashing
 from escrow.sessions import SessionStore, SessionView, Started
 from escrow.settings import Settings
 from escrow.strength import Judgement, judge
@@ -160,7 +159,7 @@ class RecipientAccess:
         self._settings = settings
         self._db = db
         self._audit = audit
-        self._hasher = RecipientHashing(hasher)
+        self._hasher = hasher
         self._sessions = sessions
         self.throttle = throttle or AddressThrottle()
         self.consent_text = load_consent_text(settings)

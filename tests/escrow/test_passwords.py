@@ -121,3 +121,31 @@ def test_wrong_secret_never_yields_a_new_hash(production: SecretHasher) -> None:
     check = production.check_sync(old, "wrong horse battery staple")
     assert not check.ok
     assert check.new_hash is None
+
+
+def test_hashes_are_interchangeable_with_argon2_cffi(production: SecretHasher) -> None:
+    """Lanes computed on one thread give the standard result, both ways round."""
+    reference = PasswordHasher(time_cost=3, memory_cost=64 * 1024, parallelism=4)
+    ours = production.hash_sync("correct horse battery staple")
+    assert reference.verify(ours, "correct horse battery staple")
+    theirs = reference.hash("correct horse battery staple")
+    assert production.check_sync(theirs, "correct horse battery staple") == Check(ok=True)
+    assert not production.check_sync(theirs, "correct horse battery stapler").ok
+
+
+def test_a_hash_with_altered_parameters_fails() -> None:
+    hasher = fast_hasher()
+    stored = hasher.hash_sync("s3cret passphrase")
+    for before, after in (("t=1", "t=2"), ("p=1", "p=2"), ("m=8", "m=16")):
+        assert before in stored
+        assert not hasher.check_sync(stored.replace(before, after), "s3cret passphrase").ok
+    huge = re.sub(r"m=\d+", f"m={8 * 1024 * 1024}", stored)  # 8 GiB: refused before computing
+    assert not hasher.check_sync(huge, "s3cret passphrase").ok
+
+
+def test_hashing_leaves_a_cpu_to_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    from escrow import passwords
+
+    for cpus, expected in ((1, 1), (2, 1), (8, 7), (None, 1)):
+        monkeypatch.setattr(passwords.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert passwords.default_concurrency() == expected
