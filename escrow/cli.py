@@ -32,7 +32,7 @@ from escrow.db import Database
 from escrow.devcert import ensure_dev_certificate
 from escrow.errors import AuditChainBroken, EscrowError, SettingsError, StaffError
 from escrow.logs import configure_logging
-from escrow.memory import return_large_blocks_to_the_system
+from escrow.memory import freeze_start_up_objects, return_large_blocks_to_the_system
 from escrow.production import check_smtp_certificate, smtp_certificate
 from escrow.services import Services, build_services, resolve_master_passphrase
 from escrow.settings import Settings, load_settings
@@ -387,6 +387,7 @@ async def serve(
                 "DEVELOPMENT: no ESCROW_SMARTHOST; outgoing mail is written to %s",
                 settings.mail_capture_dir,
             )
+    log.debug("%d start-up objects exempt from garbage collection", freeze_start_up_objects())
     stopper: asyncio.Task[object] = asyncio.create_task(stop.wait(), name="stop")
     done, _pending = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping")
