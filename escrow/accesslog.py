@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 
 from sqlalchemy import case, func, update
+from sqlalchemy.orm import Session
 
 from escrow.audit import Audit, EventSpec
 from escrow.db import Database
@@ -92,10 +93,12 @@ class AccessRecorder:
     async def _commit(self, batch: list[_Pending], touches: list[str]) -> None:
         now = utcnow()
         deliveries = sorted({p.mark_read for p in batch if p.mark_read is not None})
-        receipts = 0
-        async with self._db.write() as session:
+        specs = [p.spec for p in batch]
+
+        def commit(session: Session) -> int:
+            receipts = 0
             if touches:
-                await session.execute(
+                session.execute(
                     update(WebSession)
                     .where(WebSession.id.in_(touches), WebSession.ended_at.is_(None))
                     .values(last_seen_at=now)
@@ -103,8 +106,8 @@ class AccessRecorder:
                 )
             if deliveries:
                 if self._receipts is not None:
-                    receipts = await self._receipts.mark_first_reads(session, deliveries, now)
-                await session.execute(
+                    receipts = self._receipts.mark_first_reads(session, deliveries, now)
+                session.execute(
                     update(Delivery)
                     .where(Delivery.id.in_(deliveries))
                     .values(
@@ -114,7 +117,8 @@ class AccessRecorder:
                     )
                     .execution_options(synchronize_session=False)
                 )
-            if batch:
-                await self._audit.record_many(session, [p.spec for p in batch])
-        if receipts and self._receipts is not None:
+            self._audit.append(session, specs)
+            return receipts
+
+        if await self._db.run_write(commit) and self._receipts is not None:
             self._receipts.wake()

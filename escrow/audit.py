@@ -24,6 +24,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from escrow.db import Database
 from escrow.errors import AuditChainBroken
@@ -122,13 +123,17 @@ class Audit:
         """Append several events, in order, with one lock and one look-up of the chain's end."""
         if not specs:
             return []
+        return await session.run_sync(self.append, specs)
+
+    def append(self, session: Session, specs: Sequence[EventSpec]) -> list[AuditEvent]:
+        """:meth:`record_many` for a synchronous session (:meth:`Database.run_write`)."""
+        if not specs:
+            return []
         if self._db.dialect == "postgresql":
-            await session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
-        await session.flush()
-        last = (
-            await session.execute(
-                select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-            )
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
+        session.flush()
+        last = session.execute(
+            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
         ).first()
         seq, prev_hash = (0, GENESIS) if last is None else (last.seq, last.hash)
         now = utcnow()
@@ -152,7 +157,7 @@ class Audit:
             event.hash = prev_hash = event_hash(event)
             events.append(event)
         # A Core insert: the ORM's unit of work costs more than the rest of an intake.
-        await session.execute(
+        session.execute(
             cast(Table, AuditEvent.__table__).insert(),
             [{c: getattr(e, c) for c in _COLUMNS} for e in events],
         )

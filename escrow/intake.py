@@ -22,7 +22,7 @@ from typing import Any, cast
 
 from sqlalchemy import Table, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from escrow.audit import Actor, Audit, EventSpec
 from escrow.db import Database
@@ -172,6 +172,10 @@ class Intake:
             self._outbox.wake()
 
     async def _commit(self, batch: Sequence[_Prepared]) -> list[Accepted]:
+        return await self._db.run_write(lambda session: self._write(session, batch))
+
+    def _write(self, session: Session, batch: Sequence[_Prepared]) -> list[Accepted]:
+        """The rows of ``batch`` and their audit events, in the caller's write transaction."""
         now = utcnow()
         expires = now + timedelta(days=self._settings.message_ttl_days)
         messages: list[dict[str, Any]] = []
@@ -180,126 +184,122 @@ class Intake:
         jobs: list[dict[str, Any]] = []
         events: list[EventSpec] = []
         results: list[Accepted] = []
-        async with self._db.write() as session:
-            threads = await self._threads(session, [r for p in batch for r in p.headers.references])
-            recipients = await self._recipient_ids(session, {a for p in batch for a in p.external})
-            for p in batch:
-                sub = p.submission
-                actor = Actor(
-                    "staff" if sub.staff_id else "smtp",
-                    id=sub.staff_id or "trusted-network",
-                    remote_addr=sub.remote_addr,
+        threads = self._threads(session, [r for p in batch for r in p.headers.references])
+        recipients = self._recipient_ids(session, {a for p in batch for a in p.external})
+        for p in batch:
+            sub = p.submission
+            actor = Actor(
+                "staff" if sub.staff_id else "smtp",
+                id=sub.staff_id or "trusted-network",
+                remote_addr=sub.remote_addr,
+            )
+            message_id = new_id() if p.external else None
+            detail = {"size": len(sub.content)}
+            if message_id is not None:
+                thread = next((threads[r] for r in p.headers.references if r in threads), new_id())
+                messages.append(
+                    {
+                        "id": message_id,
+                        "thread_id": thread,
+                        "direction": "outbound",
+                        "sender": sub.mail_from,
+                        "staff_id": sub.staff_id,
+                        "rfc_message_id": p.headers.message_id or f"<{new_id()}@escrow.invalid>",
+                        "size": len(sub.content),
+                        "created_at": now,
+                        "expires_at": expires,
+                    }
                 )
-                message_id = new_id() if p.external else None
-                detail = {"size": len(sub.content)}
-                if message_id is not None:
-                    thread = next(
-                        (threads[r] for r in p.headers.references if r in threads), new_id()
-                    )
-                    messages.append(
+                items.append(
+                    {
+                        "id": new_id(),
+                        "message_id": message_id,
+                        "fingerprint": p.sealed.fingerprint,
+                        "sha256": p.sealed.sha256,
+                        "size": len(sub.content),
+                        "ciphertext": p.sealed.ciphertext,
+                        "created_at": now,
+                    }
+                )
+                for address in p.external:
+                    delivery_id = new_id()
+                    deliveries.append(
                         {
-                            "id": message_id,
-                            "thread_id": thread,
-                            "direction": "outbound",
-                            "sender": sub.mail_from,
-                            "staff_id": sub.staff_id,
-                            "rfc_message_id": p.headers.message_id
-                            or f"<{new_id()}@escrow.invalid>",
-                            "size": len(sub.content),
-                            "created_at": now,
-                            "expires_at": expires,
-                        }
-                    )
-                    items.append(
-                        {
-                            "id": new_id(),
+                            "id": delivery_id,
                             "message_id": message_id,
-                            "fingerprint": p.sealed.fingerprint,
-                            "sha256": p.sealed.sha256,
-                            "size": len(sub.content),
-                            "ciphertext": p.sealed.ciphertext,
+                            "recipient_id": recipients[address],
+                            "token_hash": token_hash(self._links.token_for(delivery_id)),
+                            "status": "queued",
                             "created_at": now,
                         }
                     )
-                    for address in p.external:
-                        delivery_id = new_id()
-                        deliveries.append(
-                            {
-                                "id": delivery_id,
-                                "message_id": message_id,
-                                "recipient_id": recipients[address],
-                                "token_hash": token_hash(self._links.token_for(delivery_id)),
-                                "status": "queued",
-                                "created_at": now,
-                            }
-                        )
-                        jobs.append(
-                            self._outbox.job_row(
-                                "notification",
-                                mail_from=self._settings.notify_from,
-                                rcpt_to=[address],
-                                payload=None,
-                                message_id=message_id,
-                                delivery_id=delivery_id,
-                            )
-                        )
-                    events.append(
-                        EventSpec(
-                            "message.accepted",
-                            actor,
-                            message_id=message_id,
-                            detail={**detail, "recipients": len(p.external)},
-                        )
-                    )
-                if p.internal:
                     jobs.append(
                         self._outbox.job_row(
-                            "passthrough",
-                            mail_from=sub.mail_from,
-                            rcpt_to=p.internal,
-                            payload=p.sealed.ciphertext,
+                            "notification",
+                            mail_from=self._settings.notify_from,
+                            rcpt_to=[address],
+                            payload=None,
                             message_id=message_id,
+                            delivery_id=delivery_id,
                         )
                     )
-                    events.append(
-                        EventSpec(
-                            "message.passed_through",
-                            actor,
-                            message_id=message_id,
-                            detail={**detail, "recipients": len(p.internal)},
-                        )
+                events.append(
+                    EventSpec(
+                        "message.accepted",
+                        actor,
+                        message_id=message_id,
+                        detail={**detail, "recipients": len(p.external)},
                     )
-                results.append(Accepted(message_id, len(p.external), len(p.internal)))
-            for model, rows in (
-                (Message, messages),
-                (VaultItem, items),
-                (Delivery, deliveries),
-                (OutboxJob, jobs),
-            ):
-                if rows:
-                    await session.execute(cast(Table, model.__table__).insert(), rows)
-            await self._audit.record_many(session, events)
+                )
+            if p.internal:
+                jobs.append(
+                    self._outbox.job_row(
+                        "passthrough",
+                        mail_from=sub.mail_from,
+                        rcpt_to=p.internal,
+                        payload=p.sealed.ciphertext,
+                        message_id=message_id,
+                    )
+                )
+                events.append(
+                    EventSpec(
+                        "message.passed_through",
+                        actor,
+                        message_id=message_id,
+                        detail={**detail, "recipients": len(p.internal)},
+                    )
+                )
+            results.append(Accepted(message_id, len(p.external), len(p.internal)))
+        for model, rows in (
+            (Message, messages),
+            (VaultItem, items),
+            (Delivery, deliveries),
+            (OutboxJob, jobs),
+        ):
+            if rows:
+                session.execute(cast(Table, model.__table__).insert(), rows)
+        self._audit.append(session, events)
         return results
 
-    async def _threads(self, session: AsyncSession, references: Sequence[str]) -> dict[str, str]:
+    def _threads(self, session: Session, references: Sequence[str]) -> dict[str, str]:
         """Thread ids of earlier messages named in In-Reply-To/References."""
         refs = list(dict.fromkeys(references))[: _MAX_THREAD_REFS * MAX_BATCH]
         if not refs:
             return {}
-        rows = await session.execute(
+        rows = session.execute(
             select(Message.rfc_message_id, Message.thread_id).where(
                 Message.rfc_message_id.in_(refs)
             )
         )
         return {rfc: thread for rfc, thread in rows.all()}
 
-    async def _recipient_ids(self, session: AsyncSession, addresses: set[str]) -> dict[str, str]:
+    def _recipient_ids(self, session: Session, addresses: set[str]) -> dict[str, str]:
         """Recipient rows for ``addresses``, created if new (safe under concurrent intake)."""
         if not addresses:
             return {}
         dialect = postgresql if self._db.dialect == "postgresql" else sqlite
         now = utcnow()
-        await session.execute(
+        session.execute(
             dialect.insert(Recipient).on_conflict_do_nothing(index_elements=["email"]),
             [
                 {
@@ -312,7 +312,7 @@ class Intake:
                 for a in sorted(addresses)
             ],
         )
-        rows = await session.execute(
+        rows = session.execute(
             select(Recipient.email, Recipient.id).where(Recipient.email.in_(addresses))
         )
         return {email: rid for email, rid in rows.all()}

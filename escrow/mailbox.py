@@ -197,15 +197,13 @@ class Mailbox:
         self, recipient_id: str, message_id: str
     ) -> tuple[_Row, Entry, mime.ParsedMessage | None]:
         """The row, its entry and (when available) the parsed content, in one query."""
-        async with self._db.read() as session:
-            found = (
-                await session.execute(
-                    self._query(recipient_id)
-                    .add_columns(VaultItem.ciphertext, VaultItem.sha256)
-                    .outerjoin(VaultItem, VaultItem.message_id == Message.id)
-                    .where(Delivery.message_id == message_id)
-                )
-            ).first()
+        query = (
+            self._query(recipient_id)
+            .add_columns(VaultItem.ciphertext, VaultItem.sha256)
+            .outerjoin(VaultItem, VaultItem.message_id == Message.id)
+            .where(Delivery.message_id == message_id)
+        )
+        found = await self._db.run_read(lambda session: session.execute(query).first())
         if found is None:
             raise NotFound("no such message")
         delivery, message, staff_name, ciphertext, sha256 = found

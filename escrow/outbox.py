@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from escrow.audit import SYSTEM, Audit, EventSpec
 from escrow.db import Database
@@ -177,12 +178,13 @@ class Outbox:
         )
         if self._db.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
-        async with self._db.write() as session:
-            rows = (await session.scalars(query)).all()
+
+        def claim_rows(session: Session) -> list[Job]:
+            rows = session.scalars(query).all()
             for row in rows:
                 row.claimed_until = now + LEASE
                 row.claimed_by = claim
-            jobs = [
+            return [
                 Job(
                     id=row.id,
                     kind=row.kind,
@@ -197,7 +199,8 @@ class Outbox:
                 )
                 for row in rows
             ]
-        return jobs
+
+        return await self._db.run_write(claim_rows)
 
     async def open_payload(self, job: Job) -> bytes:
         """The job's plaintext payload (decrypted in a worker thread)."""
@@ -216,10 +219,11 @@ class Outbox:
         if not jobs:
             return 0
         now = utcnow()
-        async with self._db.write() as session:
+
+        def complete(session: Session) -> int:
             held = set(
                 (
-                    await session.scalars(
+                    session.scalars(
                         select(OutboxJob.id).where(
                             OutboxJob.id.in_([j.id for j in jobs]),
                             OutboxJob.claimed_by.in_({j.claim for j in jobs}),
@@ -231,14 +235,14 @@ class Outbox:
             mine = [j for j in jobs if j.id in held]
             if not mine:
                 return 0
-            await session.execute(
+            session.execute(
                 update(OutboxJob)
                 .where(OutboxJob.id.in_([j.id for j in mine]))
                 .values(done_at=now, outcome="sent", payload=None, claimed_until=None)
             )
             notified = [j for j in mine if j.kind == "notification" and j.delivery_id]
             if notified:
-                await session.execute(
+                session.execute(
                     update(Delivery)
                     .where(
                         Delivery.id.in_([j.delivery_id for j in notified]),
@@ -263,8 +267,10 @@ class Outbox:
                 for j in mine
                 if j.kind == "receipt"
             ]
-            await self._audit.record_many(session, events)
-        return len(mine)
+            self._audit.append(session, events)
+            return len(mine)
+
+        return await self._db.run_write(complete)
 
     async def fail(self, job: Job, reason: str, *, permanent: bool = False) -> str:
         """Record a failed attempt; returns ``retry`` or ``gave_up``.

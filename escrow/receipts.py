@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from sqlalchemy import Table, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from escrow.db import Database
 from escrow.models import Delivery, Message, OutboxJob, Recipient
@@ -53,9 +53,7 @@ class ReadReceipts:
     def enabled(self) -> bool:
         return self._settings.read_receipts
 
-    async def mark_first_reads(
-        self, session: AsyncSession, delivery_ids: Sequence[str], now: datetime
-    ) -> int:
+    def mark_first_reads(self, session: Session, delivery_ids: Sequence[str], now: datetime) -> int:
         """Set ``read_at`` on the deliveries not read before and queue their receipts.
 
         Runs inside the caller's write transaction (it commits with the read
@@ -64,23 +62,19 @@ class ReadReceipts:
         """
         if not self.enabled or not delivery_ids:
             return 0
-        first = (
-            await session.scalars(
-                update(Delivery)
-                .where(Delivery.id.in_(delivery_ids), Delivery.read_at.is_(None))
-                .values(read_at=now)
-                .returning(Delivery.id)
-                .execution_options(synchronize_session=False)
-            )
+        first = session.scalars(
+            update(Delivery)
+            .where(Delivery.id.in_(delivery_ids), Delivery.read_at.is_(None))
+            .values(read_at=now)
+            .returning(Delivery.id)
+            .execution_options(synchronize_session=False)
         ).all()
         if not first:
             return 0
-        rows = (
-            await session.execute(
-                select(Delivery.id, Delivery.message_id, Message.sender)
-                .join(Message, Message.id == Delivery.message_id)
-                .where(Delivery.id.in_(first), Message.direction == "outbound")
-            )
+        rows = session.execute(
+            select(Delivery.id, Delivery.message_id, Message.sender)
+            .join(Message, Message.id == Delivery.message_id)
+            .where(Delivery.id.in_(first), Message.direction == "outbound")
         ).all()
         jobs = [
             Outbox.job_row(
@@ -97,7 +91,7 @@ class ReadReceipts:
         if jobs:
             table = OutboxJob.__table__
             assert isinstance(table, Table)
-            await session.execute(table.insert(), jobs)
+            session.execute(table.insert(), jobs)
         return len(jobs)
 
     def wake(self) -> None:

@@ -177,14 +177,10 @@ class SessionStore:
             return Resolved(None)
         digest = session_token_hash(token)
         now = utcnow()
-        async with self._db.read() as session:
-            row = (
-                await session.scalars(
-                    select(WebSession).where(
-                        WebSession.token_hash == digest, WebSession.ended_at.is_(None)
-                    )
-                )
-            ).first()
+        query = select(WebSession).where(
+            WebSession.token_hash == digest, WebSession.ended_at.is_(None)
+        )
+        row = await self._db.run_read(lambda session: session.scalars(query).first())
         if row is None:
             return Resolved(None)
         if self.is_expired(row, now):

@@ -118,6 +118,15 @@ async def test_sqlite_connections_are_durable_and_enforce_foreign_keys(
             assert await _pragmas(session) == expected
         async with sqlite_db.engine.connect() as conn:
             assert (await conn.execute(text("PRAGMA synchronous"))).scalar_one() == 2
+        # The thread-run transactions use connections of their own: the same promises.
+        for run in (sqlite_db.run_read, sqlite_db.run_write):
+            pragmas = await run(
+                lambda s: {
+                    n: s.execute(text(f"PRAGMA {n}")).scalar_one()
+                    for n in ("journal_mode", "synchronous", "foreign_keys", "busy_timeout")
+                }
+            )
+            assert pragmas == expected
     finally:
         await sqlite_db.dispose()
 
@@ -152,4 +161,68 @@ async def test_sqlite_write_transactions_take_the_lock_up_front(
                 other.execute("BEGIN IMMEDIATE")
     finally:
         other.close()
+        await sqlite_db.dispose()
+
+
+# ---------------------------------------------------------------- run_read / run_write
+
+
+async def test_run_write_commits_on_return_and_rolls_back_on_error(db_url: str) -> None:
+    db = Database(db_url)
+    try:
+        await migrate.upgrade(db)
+
+        def add(email: str, fail: bool = False) -> Any:
+            def work(session: Any) -> str:
+                session.add(Staff(email=email, password_hash="x"))
+                session.flush()
+                if fail:
+                    raise RuntimeError("after the insert")
+                return email
+
+            return work
+
+        assert await db.run_write(add("kept@riverside.example")) == "kept@riverside.example"
+        with pytest.raises(RuntimeError):
+            await db.run_write(add("dropped@riverside.example", fail=True))
+
+        emails = await db.run_read(lambda s: set(s.scalars(select(Staff.email)).all()))
+        assert emails == {"kept@riverside.example"}
+        async with db.read() as session:  # the async side sees the same
+            assert set((await session.scalars(select(Staff.email))).all()) == emails
+    finally:
+        await db.dispose()
+
+
+async def test_sqlite_run_write_waits_for_a_write_in_progress(sqlite_db: Database) -> None:
+    """A thread-run write starts only after a ``write()`` in progress has committed."""
+    import asyncio
+
+    try:
+        await migrate.upgrade(sqlite_db)
+        order: list[str] = []
+        entered = asyncio.Event()
+        release = asyncio.Event()
+
+        async def holder() -> None:
+            async with sqlite_db.write() as session:
+                session.add(Staff(email="first@riverside.example", password_hash="x"))
+                await session.flush()
+                order.append("write begun")
+                entered.set()
+                await release.wait()
+                order.append("write ends")
+
+        def second(session: Any) -> int:
+            order.append("run_write runs")
+            return len(session.scalars(select(Staff.email)).all())
+
+        task = asyncio.create_task(holder())
+        await entered.wait()
+        pending = asyncio.create_task(sqlite_db.run_write(second))
+        release.set()
+        await task
+        assert await pending == 1  # it ran after the first committed, and saw its row
+        assert order == ["write begun", "write ends", "run_write runs"]
+    finally:
         await sqlite_db.dispose()
