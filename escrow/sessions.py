@@ -29,7 +29,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from escrow.accesslog import AccessRecorder
@@ -40,6 +40,10 @@ from escrow.settings import Settings
 
 TOKEN_BYTES = 32
 TOUCH_INTERVAL = timedelta(seconds=30)
+# Every request's look-up, built once.
+_LIVE_BY_TOKEN = select(WebSession).where(
+    WebSession.token_hash == bindparam("digest"), WebSession.ended_at.is_(None)
+)
 # ``mfa``: a staff member proved the password; the second factor is still to come.
 STAGES = ("link", "code", "mfa", "full")
 
@@ -177,10 +181,9 @@ class SessionStore:
             return Resolved(None)
         digest = session_token_hash(token)
         now = utcnow()
-        query = select(WebSession).where(
-            WebSession.token_hash == digest, WebSession.ended_at.is_(None)
+        row = await self._db.run_read(
+            lambda session: session.scalars(_LIVE_BY_TOKEN, {"digest": digest}).first()
         )
-        row = await self._db.run_read(lambda session: session.scalars(query).first())
         if row is None:
             return Resolved(None)
         if self.is_expired(row, now):
