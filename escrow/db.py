@@ -138,7 +138,12 @@ class Database:
         )
 
     async def run_write(self, work: Callable[[Session], T]) -> T:
-        """``work(session)`` in one write transaction, committed if it returns, else rolled back."""
+        """``work(session)`` in one write transaction, committed if it returns, else rolled back.
+
+        On SQLite a caller cancelled while ``work`` runs does not stop it: the
+        transaction still ends (commit or rollback) on its thread, and SQLite's
+        own lock keeps the next writer waiting until it has.
+        """
         if self._sync_writer is None or self._write_thread is None or self._write_lock is None:
             async with self._writer() as session, session.begin():
                 return await session.run_sync(work)
