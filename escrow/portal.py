@@ -21,13 +21,15 @@ from escrow.vault import Vault
 
 @dataclass
 class PortalServices:
-    """Sessions, recipient access, mailbox, replies and the activity log."""
+    """Sessions, recipient access, mailbox, replies, the activity log, and the group committer
+    of read events that all of them (and the staff console) share."""
 
     sessions: SessionStore
     recipients: RecipientAccess
     mailbox: Mailbox
     replies: Replies
     activity: ActivityLog
+    recorder: AccessRecorder
 
 
 def build_portal(
@@ -50,4 +52,5 @@ def build_portal(
         mailbox=Mailbox(settings, db, vault, audit, recorder),
         replies=Replies(settings, db, vault, audit, outbox),
         activity=ActivityLog(db),
+        recorder=recorder,
     )

@@ -21,13 +21,39 @@ from starlette.responses import RedirectResponse, Response
 
 from escrow.audit import Actor
 from escrow.services import Services
-from escrow.sessions import Resolved, SessionView
+from escrow.sessions import Resolved, SessionStore, SessionView
 from web.pages import Pages
 from web.security import Cookies, csrf_token
 
 
 def client_address(request: Request) -> str:
     return request.client.host if request.client is not None else ""
+
+
+def request_actor(request: Request, actor_type: str, actor_id: str) -> Actor:
+    """Who is acting, from this address and browser (the user agent capped for the audit log)."""
+    return Actor(
+        actor_type,
+        id=actor_id,
+        remote_addr=client_address(request),
+        user_agent=request.headers.get("user-agent", "")[:300],
+    )
+
+
+async def request_session(
+    request: Request, sessions: SessionStore, cookies: Cookies, principal_type: str
+) -> Resolved:
+    """The request's session of ``principal_type`` (a recipient's cookie is no staff session,
+    and the reverse), resolved once per request and remembered on it."""
+    key = f"escrow.session.{principal_type}"
+    cached = request.scope.get(key)
+    if isinstance(cached, Resolved):
+        return cached
+    resolved = await sessions.resolve(cookies.read(request.cookies))
+    if resolved.session is not None and resolved.session.principal_type != principal_type:
+        resolved = Resolved(None)
+    request.scope[key] = resolved
+    return resolved
 
 
 class Portal:
@@ -42,23 +68,11 @@ class Portal:
 
     def actor(self, request: Request, view: SessionView | None = None) -> Actor:
         """Who is acting: the session's recipient (if any), from this address and browser."""
-        return Actor(
-            "recipient",
-            id=view.principal_id if view is not None else "",
-            remote_addr=client_address(request),
-            user_agent=request.headers.get("user-agent", "")[:300],
-        )
+        return request_actor(request, "recipient", view.principal_id if view is not None else "")
 
     async def current(self, request: Request) -> Resolved:
         """The request's session (resolved once, then remembered on the request)."""
-        cached = request.scope.get("escrow.session")
-        if isinstance(cached, Resolved):
-            return cached
-        resolved = await self.domain.sessions.resolve(self.cookies.read(request.cookies))
-        if resolved.session is not None and resolved.session.principal_type != "recipient":
-            resolved = Resolved(None)
-        request.scope["escrow.session"] = resolved
-        return resolved
+        return await request_session(request, self.domain.sessions, self.cookies, "recipient")
 
     def page(
         self,

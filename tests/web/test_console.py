@@ -597,3 +597,27 @@ async def test_app_passwords_are_shown_once_and_can_be_revoked(make_portal: Make
     (info,) = await portal.services.staff_security.list_app_passwords(ada.id)
     assert info.revoked_at is not None
     await ada.client.aclose()
+
+
+async def test_a_session_cookie_opens_only_its_own_side(make_portal: MakePortal) -> None:
+    """A staff session presented as a recipient's cookie (or the reverse) is no session."""
+    portal = await make_portal(**NO_TOTP)
+    sent = await portal.send()
+    await portal.set_up(sent)
+    recipient_cookie = portal.client.cookies["escrow_session"]
+    ada = await add_staff(portal, ADA)
+    await sign_in(ada)
+    staff_cookie = ada.client.cookies["escrow_staff"]
+
+    async with browse(portal.services) as stranger:
+        stranger.cookies.set("escrow_session", staff_cookie)
+        assert (await stranger.get(f"/messages/{sent.message_id}")).status_code == 401
+        stranger.cookies.clear()
+        stranger.cookies.set("escrow_staff", recipient_cookie)
+        response = await stranger.get("/staff/messages")
+        assert response.status_code == 303
+        assert response.headers["location"].startswith("/staff/sign-in")
+    # Each still works where it belongs.
+    assert (await portal.client.get(f"/messages/{sent.message_id}")).status_code == 200
+    assert (await ada.client.get("/staff/messages")).status_code == 200
+    await ada.client.aclose()

@@ -23,7 +23,9 @@ from web.staff.shell import Shell
 
 def install_console(app: Starlette, services: Services) -> Shell:
     """Add the console's routes to ``app`` (after the portal's; see the module docstring)."""
-    console = Console(services.settings, services.db, services.vault, services.audit)
+    console = Console(
+        services.settings, services.db, services.vault, services.audit, services.portal.recorder
+    )
     shell = Shell(services, Pages(services.settings), console)
     for group in (
         AuthRoutes(shell),

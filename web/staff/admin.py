@@ -20,7 +20,8 @@ from escrow.console import effective_settings
 from escrow.errors import AuditChainBroken, StaffError
 from escrow.models import utcnow
 from web.forms import field
-from web.staff.shell import ID, Shell, Signed, redirect
+from web.portal import redirect
+from web.staff.shell import ID, Shell, Signed
 
 EXPORTS = {"csv": ("text/csv; charset=utf-8", "csv"), "jsonl": ("application/jsonl", "jsonl")}
 DONE = {

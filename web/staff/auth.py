@@ -40,8 +40,9 @@ from escrow.models import Staff
 from escrow.sessions import SessionView
 from escrow.staff_security import StaffSecurity
 from web.forms import FormInvalid, FormTooLarge, field, read_form
+from web.portal import redirect
 from web.security import csrf_valid
-from web.staff.shell import PENDING, Shell, redirect
+from web.staff.shell import PENDING, Shell
 
 SIGN_IN_FAILED = "That email address and password do not match an account. Please try again."
 THROTTLED = "There have been too many attempts from your network. Please wait 15 minutes."

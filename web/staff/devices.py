@@ -15,7 +15,8 @@ from starlette.routing import BaseRoute, Route
 
 from escrow.errors import EscrowError, NotFound
 from web.forms import field
-from web.staff.shell import ID, Shell, Signed, redirect
+from web.portal import redirect
+from web.staff.shell import ID, Shell, Signed
 
 MAX_NAME = 100
 

@@ -25,7 +25,8 @@ from escrow.console import STATUSES
 from escrow.errors import EscrowError, NotFound
 from web.downloads import part_response
 from web.forms import field
-from web.staff.shell import ID, Shell, Signed, redirect
+from web.portal import redirect
+from web.staff.shell import ID, Shell, Signed
 
 
 class MessageRoutes:

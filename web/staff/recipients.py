@@ -16,7 +16,8 @@ from starlette.routing import BaseRoute, Route
 
 from escrow.errors import NotFound
 from web.forms import field
-from web.staff.shell import ID, Shell, Signed, redirect
+from web.portal import redirect
+from web.staff.shell import ID, Shell, Signed
 
 DONE = {
     "reset": "The passphrase was cleared. The next time they open a link they will choose a new one.",

@@ -23,7 +23,7 @@ from typing import Any
 
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response
+from starlette.responses import Response
 
 from escrow.audit import Actor
 from escrow.console import Console, Viewer
@@ -32,7 +32,7 @@ from escrow.services import Services
 from escrow.sessions import Resolved, SessionView
 from web.forms import FormInvalid, FormTooLarge, read_form
 from web.pages import Pages
-from web.portal import client_address
+from web.portal import redirect, request_actor, request_session
 from web.security import Cookies, csrf_token, csrf_valid
 
 ID = re.compile(r"[0-9a-f]{32}")
@@ -63,10 +63,6 @@ class Signed:
         return self.staff.role == "admin"
 
 
-def redirect(url: str) -> RedirectResponse:
-    return RedirectResponse(url, status_code=303)
-
-
 class Shell:
     """Shared helpers for the console's route classes."""
 
@@ -79,23 +75,11 @@ class Shell:
         self.cookies = StaffCookies(secure=services.settings.secure_cookies)
 
     def actor(self, request: Request, staff_id: str = "") -> Actor:
-        return Actor(
-            "staff",
-            id=staff_id,
-            remote_addr=client_address(request),
-            user_agent=request.headers.get("user-agent", "")[:300],
-        )
+        return request_actor(request, "staff", staff_id)
 
     async def current(self, request: Request) -> Resolved:
         """The request's staff session (resolved once per request)."""
-        cached = request.scope.get("escrow.staff_session")
-        if isinstance(cached, Resolved):
-            return cached
-        resolved = await self.sessions.resolve(self.cookies.read(request.cookies))
-        if resolved.session is not None and resolved.session.principal_type != "staff":
-            resolved = Resolved(None)
-        request.scope["escrow.staff_session"] = resolved
-        return resolved
+        return await request_session(request, self.sessions, self.cookies, "staff")
 
     def page(
         self,
