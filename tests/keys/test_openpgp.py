@@ -4,6 +4,7 @@ import random
 import threading
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -175,3 +176,30 @@ def test_pgpy_cipher_table_is_built_once() -> None:
         assert SymmetricKeyAlgorithm.TripleDES.block_size == 64
     with pytest.raises(NotImplementedError):
         SymmetricKeyAlgorithm.Plaintext.cipher  # noqa: B018 (PGPy's own refusal)
+
+
+def test_sealing_makes_the_packets_pgpy_would(template_keys_dir: Path) -> None:
+    """keys.openpgp builds PGPKey.encrypt's packets itself: same layout, same recipient."""
+    import pgpy
+    from pgpy.constants import CompressionAlgorithm, SymmetricKeyAlgorithm
+
+    from keys.openpgp import VaultKey
+
+    (path,) = template_keys_dir.glob("*.asc")
+    key = VaultKey(path.read_text(), path.stem)
+    data = payload(10 * 1024, seed=3)
+    ours = pgpy.PGPMessage.from_blob(key.encrypt(data))
+    public, _ = pgpy.PGPKey.from_blob(key.export_public())
+    (subkey,) = public.subkeys.values()
+    literal = pgpy.PGPMessage.new(
+        data, file=False, format="b", compression=CompressionAlgorithm.Uncompressed
+    )
+    theirs = subkey.encrypt(literal, cipher=SymmetricKeyAlgorithm.AES256)
+
+    assert ours.is_encrypted and ours.encrypters == theirs.encrypters == {subkey.fingerprint.keyid}
+    # Equal length and equal packet headers: only the random session key and IV differ.
+    assert len(bytes(ours)) == len(bytes(theirs))
+    packets = [*ours._sessionkeys, ours._message]
+    expected = [*theirs._sessionkeys, theirs._message]
+    assert [type(p) for p in packets] == [type(p) for p in expected]
+    assert [bytes(p)[:4] for p in packets] == [bytes(p)[:4] for p in expected]
