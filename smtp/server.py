@@ -20,12 +20,15 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Any
 
+import aiosmtpd.smtp
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from escrow.audit import Actor
@@ -46,6 +49,41 @@ LARGE_MESSAGE_BYTES = 1024 * 1024
 LARGE_MESSAGE_BUDGET = 256 * 1024 * 1024
 LARGE_MESSAGE_COPIES = 4
 MAX_AUTH_FAILURES_PER_CONNECTION = 3
+
+# A path aiosmtpd's RFC 5322 parser would take apart the same way: dot-atom local part,
+# host-name domain, then nothing or whitespace and parameters (no comment).
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>(?:[ \t]+(?![ \t(])|$)"
+)
+
+
+class _AuthMembers:
+    """What aiosmtpd's ``SMTP.__init__`` asks of ``inspect``, answered from a per-class cache.
+
+    aiosmtpd 1.4 finds its AUTH mechanisms on every connection with
+    ``inspect.getmembers(self)``, which reads every attribute of the protocol
+    object (properties included): about an eighth of the intake's CPU time
+    with one connection per message. It keeps only names starting with
+    ``auth_``; this returns exactly those, sorted as ``getmembers`` does.
+    """
+
+    signature = staticmethod(inspect.signature)
+
+    def __init__(self) -> None:
+        self._names: dict[type, tuple[str, ...]] = {}
+
+    def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        names = self._names.get(type(obj))
+        if names is None:
+            names = self._names[type(obj)] = tuple(
+                name for name in dir(type(obj)) if name.startswith("auth_")
+            )
+        own = [name for name in getattr(obj, "__dict__", {}) if name.startswith("auth_")]
+        return sorted((name, getattr(obj, name)) for name in {*names, *own})
+
+
+aiosmtpd.smtp.inspect = _AuthMembers()  # type: ignore[attr-defined,assignment]
 
 
 @dataclass(frozen=True)
@@ -101,6 +139,17 @@ class EscrowSMTP(SMTP):
     @property
     def secure(self) -> bool:
         return self.implicit_tls or self._tls_protocol is not None
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # The common path without the RFC 5322 parser (a tenth of the intake's CPU
+        # time); anything unusual still goes through aiosmtpd's own parsing.
+        simple = _SIMPLE_PATH.match(arg)
+        if simple is None:
+            return super()._getaddr(arg)
+        address = simple.group(1)
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, arg[simple.end() :]
 
     # aiosmtpd calls its authenticator synchronously; Argon2 must not run on the
     # loop. So the parsing hooks hand back the credentials and we check them here.
