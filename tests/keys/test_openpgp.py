@@ -4,8 +4,8 @@ import random
 import threading
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
