@@ -121,6 +121,23 @@ def plain_address(value: str) -> str | None:
     return value
 
 
+class _Session(Session):
+    """aiosmtpd's session without its deprecated ``login_data`` notice.
+
+    aiosmtpd 1.4 sets ``login_data`` itself after every successful AUTH and logs
+    a deprecation warning each time; nothing here reads it (the staff member
+    rides in ``auth_data``), so the operator's log should not hear of it.
+    """
+
+    @property
+    def login_data(self) -> Any:
+        return self._login_data
+
+    @login_data.setter
+    def login_data(self, value: Any) -> None:
+        self._login_data = value
+
+
 class EscrowSMTP(SMTP):
     """aiosmtpd's SMTP with asynchronous AUTH and bounded large messages."""
 
@@ -135,6 +152,9 @@ class EscrowSMTP(SMTP):
         if first and not self.implicit_tls and self.event_handler.plaintext_allowed(self.session):
             # An admin let this trusted network relay without TLS (ESCROW_TRUSTED_NETWORKS_REQUIRE_TLS=false).
             self.require_starttls = False
+
+    def _create_session(self) -> Session:
+        return _Session(self.loop)
 
     @property
     def secure(self) -> bool:
