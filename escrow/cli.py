@@ -543,9 +543,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # Third-party deprecation notices are for us, not for the operator's terminal:
-    # aiosmtpd sets its own deprecated Session.login_data after every AUTH.
-    warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+    # Third-party deprecation notices are for us, not for the operator's terminal.
     # PGPy 0.6.0 looks up ciphers that cryptography has moved to `decrepit` (we use AES only).
     warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning)
     # Everything the server writes (database, keys, captured mail) is private to its user.
