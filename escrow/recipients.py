@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -36,15 +37,16 @@ from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
-from escrow.audit import Actor, Audit
+from escrow.audit import Actor, Audit, EventSpec
 from escrow.availability import availability
 from escrow.db import Database
 from escrow.errors import NotFound
 from escrow.links import token_hash
 from escrow.lockout import AddressThrottle, is_locked, lock_delay
 from escrow.models import Delivery, Message, Recipient, utcnow
-from escrow.passwords import MAX_SECRET_CHARS, SecretHasher
+from escrow.passwords import MAX_SECRET_CHARS, Check, SecretHasher
 from escrow.sessions import SessionStore, SessionView, Started
 from escrow.settings import Settings
 from escrow.strength import Judgement, judge
@@ -132,6 +134,17 @@ def load_consent_text(settings: Settings) -> str:
     return DEFAULT_CONSENT.format(practice=settings.practice_name)
 
 
+def _state_or_none(row: Recipient | None) -> RecipientState | None:
+    return None if row is None else _state(row)
+
+
+def _stored_secret(row: Recipient | None, step: str) -> str | None:
+    """The hash a ``step`` ("code" or "passphrase") is checked against."""
+    if row is None:
+        return None
+    return row.access_code_hash if step == "code" else row.passphrase_hash
+
+
 def _state(row: Recipient) -> RecipientState:
     return RecipientState(
         id=row.id,
@@ -168,49 +181,56 @@ class RecipientAccess:
 
     async def open_link(self, token: str, actor: Actor) -> LinkTarget | LinkWithdrawn | None:
         """The delivery a usable link points to, LinkWithdrawn, or None (unknown, expired). Audited."""
-        now = utcnow()
         digest = token_hash(token) if _TOKEN_SHAPE.fullmatch(token) else None
-        async with self._db.write() as session:
-            row = None
-            if digest is not None:
-                row = (
-                    await session.execute(
-                        select(Delivery, Message)
-                        .join(Message, Message.id == Delivery.message_id)
-                        .where(Delivery.token_hash == digest)
-                    )
-                ).first()
-            if row is None:
-                await self._audit.record(session, "link.opened", actor, outcome="unknown")
-                return None
-            delivery, message = row
-            state = availability(delivery, message, now)
-            who = Actor("recipient", delivery.recipient_id, actor.remote_addr, actor.user_agent)
-            await self._audit.record(
-                session,
-                "link.opened",
-                who,
-                message_id=message.id,
-                delivery_id=delivery.id,
-                outcome="ok" if state == "available" else state,
-            )
-            if state == "withdrawn":
-                return LinkWithdrawn()
-            if state != "available":
-                return None
-            if delivery.opened_at is None:
-                delivery.opened_at = now
-            if delivery.status in ("queued", "notified"):
-                delivery.status = "opened"
-            return LinkTarget(delivery.id, message.id, delivery.recipient_id)
+        return await self._db.run_write(lambda session: self._open_link(session, digest, actor))
+
+    def _open_link(
+        self, session: Session, digest: str | None, actor: Actor
+    ) -> LinkTarget | LinkWithdrawn | None:
+        now = utcnow()
+        row = None
+        if digest is not None:
+            row = session.execute(
+                select(Delivery, Message)
+                .join(Message, Message.id == Delivery.message_id)
+                .where(Delivery.token_hash == digest)
+            ).first()
+        if row is None:
+            self._audit.append(session, [EventSpec("link.opened", actor, outcome="unknown")])
+            return None
+        delivery, message = row
+        state = availability(delivery, message, now)
+        who = Actor("recipient", delivery.recipient_id, actor.remote_addr, actor.user_agent)
+        self._audit.append(
+            session,
+            [
+                EventSpec(
+                    "link.opened",
+                    who,
+                    message_id=message.id,
+                    delivery_id=delivery.id,
+                    outcome="ok" if state == "available" else state,
+                )
+            ],
+        )
+        if state == "withdrawn":
+            return LinkWithdrawn()
+        if state != "available":
+            return None
+        if delivery.opened_at is None:
+            delivery.opened_at = now
+        if delivery.status in ("queued", "notified"):
+            delivery.status = "opened"
+        return LinkTarget(delivery.id, message.id, delivery.recipient_id)
 
     async def state(self, recipient_id: str) -> RecipientState:
         """The recipient's access state; raises :class:`NotFound` if there is no such recipient."""
-        async with self._db.read() as session:
-            row = await session.get(Recipient, recipient_id)
-        if row is None:
+        state = await self._db.run_read(
+            lambda session: _state_or_none(session.get(Recipient, recipient_id))
+        )
+        if state is None:
             raise NotFound("no such recipient")
-        return _state(row)
+        return state
 
     # ------------------------------------------------------------ first visit
 
@@ -237,28 +257,40 @@ class RecipientAccess:
         it is cleared with the same write (staff can set a new one after a reset).
         """
         digest = await self._hasher.hash(passphrase)
-        now = utcnow()
-        async with self._db.write() as session:
-            changed = await session.execute(
-                update(Recipient)
-                .where(Recipient.id == view.principal_id, Recipient.passphrase_hash.is_(None))
-                .values(
-                    passphrase_hash=digest,
-                    passphrase_set_at=now,
-                    access_code_hash=None,
-                    failed_attempts=0,
-                    locked_until=None,
-                )
-            )
-            if changed.rowcount != 1:  # type: ignore[attr-defined]
-                return None
-            await self._audit.record(session, "passphrase.set", actor, delivery_id=view.delivery_id)
-            return await self._promote(session, view, actor, first=True)
+        return await self._db.run_write(
+            lambda session: self._choose_passphrase(session, view, digest, actor)
+        )
 
-    async def _promote(
-        self, session: AsyncSession, view: SessionView, actor: Actor, *, first: bool = False
+    def _choose_passphrase(
+        self, session: Session, view: SessionView, digest: str, actor: Actor
+    ) -> Started | None:
+        changed = session.execute(
+            update(Recipient)
+            .where(Recipient.id == view.principal_id, Recipient.passphrase_hash.is_(None))
+            .values(
+                passphrase_hash=digest,
+                passphrase_set_at=utcnow(),
+                access_code_hash=None,
+                failed_attempts=0,
+                locked_until=None,
+            )
+        )
+        if changed.rowcount != 1:  # type: ignore[attr-defined]
+            return None
+        spec = EventSpec("passphrase.set", actor, delivery_id=view.delivery_id)
+        return self._promote(session, view, actor, first=True, before=[spec])
+
+    def _promote(
+        self,
+        session: Session,
+        view: SessionView,
+        actor: Actor,
+        *,
+        first: bool = False,
+        before: Sequence[EventSpec] = (),
     ) -> Started:
-        await self._sessions.end_in(session, view.id)
+        """End the link session, start a full one and audit ``login.ok`` (after ``before``)."""
+        self._sessions.end_sync(session, view.id)
         started = self._sessions.start_in(
             session,
             "recipient",
@@ -267,9 +299,8 @@ class RecipientAccess:
             actor=actor,
             delivery_id=view.delivery_id,
         )
-        await self._audit.record(
-            session, "login.ok", actor, delivery_id=view.delivery_id, detail={"first": first}
-        )
+        login = EventSpec("login.ok", actor, delivery_id=view.delivery_id, detail={"first": first})
+        self._audit.append(session, [*before, login])
         return started
 
     # ------------------------------------------------------------ codes and passphrases
@@ -295,55 +326,65 @@ class RecipientAccess:
         if is_locked(state.locked_until, now):
             await self._refused(view, actor, step, "locked")
             return Attempt(Outcome.LOCKED, state.locked_until)
-        async with self._db.read() as session:
-            row = await session.get(Recipient, view.principal_id)
-            stored = None
-            if row is not None:
-                stored = row.access_code_hash if step == "code" else row.passphrase_hash
+        stored = await self._db.run_read(
+            lambda session: _stored_secret(session.get(Recipient, view.principal_id), step)
+        )
         check = await self._hasher.check(stored, secret[: MAX_SECRET_CHARS + 1])
-        delay = None
-        async with self._db.write() as session:
-            query = select(Recipient).where(Recipient.id == view.principal_id)
-            if self._db.dialect == "postgresql":
-                query = query.with_for_update()
-            fresh = (await session.scalars(query)).one()
-            now = utcnow()
-            if is_locked(fresh.locked_until, now):
-                # Locked while we were checking: the answer is "locked", right or wrong.
-                await self._audit.record(
-                    session,
-                    "login.failed",
-                    actor,
-                    delivery_id=view.delivery_id,
-                    outcome="locked",
-                    detail={"step": step},
-                )
-                return Attempt(Outcome.LOCKED, fresh.locked_until)
-            if check.ok:
-                fresh.failed_attempts = 0
-                fresh.locked_until = None
-                if step == "code":
-                    await self._audit.record(
-                        session, "access_code.ok", actor, delivery_id=view.delivery_id
-                    )
-                    return Attempt(Outcome.OK)
-                if check.new_hash is not None:
-                    fresh.passphrase_hash = check.new_hash
-                return Attempt(Outcome.OK, started=await self._promote(session, view, actor))
-            fresh.failed_attempts += 1
-            await self._audit.record(
-                session,
+        attempt, wrong = await self._db.run_write(
+            lambda session: self._settle(session, view, check, actor, step)
+        )
+        if wrong:
+            self.throttle.failed(address)
+        return attempt
+
+    def _settle(
+        self, session: Session, view: SessionView, check: Check, actor: Actor, step: str
+    ) -> tuple[Attempt, bool]:
+        """Record a checked secret; True if it was a counted wrong guess.
+
+        The lock is re-read, so a guess that raced past it is refused.
+        """
+        query = select(Recipient).where(Recipient.id == view.principal_id)
+        if self._db.dialect == "postgresql":
+            query = query.with_for_update()
+        fresh = session.scalars(query).one()
+        now = utcnow()
+        if is_locked(fresh.locked_until, now):
+            # Locked while we were checking: the answer is "locked", right or wrong.
+            spec = EventSpec(
+                "login.failed",
+                actor,
+                delivery_id=view.delivery_id,
+                outcome="locked",
+                detail={"step": step},
+            )
+            self._audit.append(session, [spec])
+            return Attempt(Outcome.LOCKED, fresh.locked_until), False
+        if check.ok:
+            fresh.failed_attempts = 0
+            fresh.locked_until = None
+            if step == "code":
+                spec = EventSpec("access_code.ok", actor, delivery_id=view.delivery_id)
+                self._audit.append(session, [spec])
+                return Attempt(Outcome.OK), False
+            if check.new_hash is not None:
+                fresh.passphrase_hash = check.new_hash
+            return Attempt(Outcome.OK, started=self._promote(session, view, actor)), False
+        fresh.failed_attempts += 1
+        events = [
+            EventSpec(
                 "login.failed",
                 actor,
                 delivery_id=view.delivery_id,
                 outcome="wrong",
                 detail={"step": step, "failures": fresh.failed_attempts},
             )
-            delay = lock_delay(fresh.failed_attempts)
-            if delay is not None:
-                fresh.locked_until = now + delay
-                await self._audit.record(
-                    session,
+        ]
+        delay = lock_delay(fresh.failed_attempts)
+        if delay is not None:
+            fresh.locked_until = now + delay
+            events.append(
+                EventSpec(
                     "recipient.locked",
                     actor,
                     delivery_id=view.delivery_id,
@@ -352,21 +393,21 @@ class RecipientAccess:
                         "seconds": int(delay.total_seconds()),
                     },
                 )
-        self.throttle.failed(address)
+            )
+        self._audit.append(session, events)
         if delay is not None:
-            return Attempt(Outcome.LOCKED, now + delay)
-        return Attempt(Outcome.WRONG)
+            return Attempt(Outcome.LOCKED, now + delay), True
+        return Attempt(Outcome.WRONG), True
 
     async def _refused(self, view: SessionView, actor: Actor, step: str, outcome: str) -> None:
-        async with self._db.write() as session:
-            await self._audit.record(
-                session,
-                "login.failed",
-                actor,
-                delivery_id=view.delivery_id,
-                outcome=outcome,
-                detail={"step": step},
-            )
+        spec = EventSpec(
+            "login.failed",
+            actor,
+            delivery_id=view.delivery_id,
+            outcome=outcome,
+            detail={"step": step},
+        )
+        await self._db.run_write(lambda session: self._audit.append(session, [spec]))
 
     # ------------------------------------------------------------ staff operations
 

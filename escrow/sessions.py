@@ -31,6 +31,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from escrow.accesslog import AccessRecorder
 from escrow.audit import Actor, Audit
@@ -122,7 +123,7 @@ class SessionStore:
 
     def start_in(
         self,
-        session: AsyncSession,
+        session: AsyncSession | Session,
         principal_type: str,
         principal_id: str,
         *,
@@ -162,8 +163,8 @@ class SessionStore:
         delivery_id: str | None = None,
     ) -> Started:
         """Start a session in a transaction of its own."""
-        async with self._db.write() as session:
-            return self.start_in(
+        return await self._db.run_write(
+            lambda session: self.start_in(
                 session,
                 principal_type,
                 principal_id,
@@ -171,6 +172,7 @@ class SessionStore:
                 actor=actor,
                 delivery_id=delivery_id,
             )
+        )
 
     async def resolve(self, token: str | None) -> Resolved:
         """The live session for a cookie value, ending (and auditing) it if it has expired.
@@ -224,7 +226,11 @@ class SessionStore:
 
     async def end_in(self, session: AsyncSession, session_id: str) -> bool:
         """Mark a session ended inside the caller's transaction; False if it already was."""
-        result = await session.execute(
+        return await session.run_sync(self.end_sync, session_id)
+
+    def end_sync(self, session: Session, session_id: str) -> bool:
+        """:meth:`end_in` for a synchronous session (:meth:`Database.run_write`)."""
+        result = session.execute(
             update(WebSession)
             .where(WebSession.id == session_id, WebSession.ended_at.is_(None))
             .values(ended_at=utcnow())
