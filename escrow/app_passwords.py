@@ -26,7 +26,13 @@ from escrow.lockout import is_locked
 from escrow.models import AppPassword, Staff, utcnow
 from escrow.passwords import SecretHasher
 from escrow.staff import normalise_address
-from escrow.staff_locks import as_staff, count_failure, find_staff, staff_for_update
+from escrow.staff_locks import (
+    RepeatedPasswords,
+    as_staff,
+    count_failure,
+    find_staff,
+    staff_for_update,
+)
 
 # Every AUTH may check each live app password: this keeps its cost bounded.
 MAX_LIVE_APP_PASSWORDS = 20
@@ -67,6 +73,7 @@ class AppPasswords:
         self._db = db
         self._hasher = hasher
         self._audit = audit
+        self._repeated = RepeatedPasswords()
 
     async def create(
         self, staff_id: str, name: str, *, actor: Actor
@@ -152,8 +159,11 @@ class AppPasswords:
         is updated), or the account password while no second factor is
         enrolled and the account is not locked. Every check runs in the
         hasher's bounded worker threads; an unknown or disabled account costs
-        one check. A wrong account password counts toward the account's lock.
-        The caller audits the outcome.
+        one check. A wrong account password counts toward the account's lock,
+        once: the same wrong password again (a mail client retrying a stale
+        saved password) is refused without counting again
+        (:class:`escrow.staff_locks.RepeatedPasswords`). The caller audits the
+        outcome.
         """
         async with self._db.read() as session:
             staff = await find_staff(session, normalise_address(login))
@@ -189,6 +199,9 @@ class AppPasswords:
             ):
                 return None
             if not check.ok:
+                if self._repeated.seen(fresh.id, password, moment):
+                    return None
+                self._repeated.remember(fresh.id, password, moment)
                 await count_failure(
                     self._audit,
                     session,
@@ -202,6 +215,7 @@ class AppPasswords:
             if check.new_hash is not None:
                 fresh.password_hash = check.new_hash
             fresh.failed_logins = 0
+            self._repeated.forget(fresh.id)
             return SmtpLogin(fresh, None)
 
     async def _app_password_used(

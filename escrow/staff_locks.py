@@ -7,12 +7,24 @@ failures the account is locked, each further failure doubles the lock, and
 only a complete sign-in or staff (``escrow staff unlock``) clears the count.
 Updates happen on the row read with :func:`staff_for_update`, so concurrent
 attempts on PostgreSQL queue on the row lock (SQLite has one writer anyway).
+
+One exception, for SMTP AUTH with the account password: a mail client that
+still holds an old password retries it on its own every few minutes, and
+counting each retry would lock the staff member out of the console for a
+password nobody is typing. :class:`RepeatedPasswords` remembers which wrong
+passwords were already counted, so the same wrong password counts once per
+account (in this process, for :data:`REPEAT_WINDOW`); every other password
+counts as usual, so a guesser gains nothing from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import datetime
+import hashlib
+import hmac
+import secrets
+from collections import OrderedDict
+from datetime import datetime, timedelta
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,6 +33,50 @@ from escrow.audit import Actor, Audit
 from escrow.db import Database
 from escrow.lockout import lock_delay
 from escrow.models import Staff
+
+REPEAT_WINDOW = timedelta(hours=24)
+# Bounded memory: accounts not seen failing for longest are forgotten first.
+REPEAT_ACCOUNTS = 10_000
+REPEAT_PER_ACCOUNT = 4
+
+
+class RepeatedPasswords:
+    """Wrong passwords already counted against an account, as keyed digests, in memory only.
+
+    The digests are HMAC-SHA256 under a key drawn when the process starts and
+    never stored, so nothing here outlives the process or helps guess a
+    password offline. A restart forgets everything: a stale password then
+    counts once more.
+    """
+
+    def __init__(self) -> None:
+        self._key = secrets.token_bytes(32)
+        self._seen: OrderedDict[str, dict[bytes, datetime]] = OrderedDict()
+
+    def _digest(self, password: str) -> bytes:
+        return hmac.new(
+            self._key, password.encode("utf-8", "surrogatepass"), hashlib.sha256
+        ).digest()
+
+    def seen(self, staff_id: str, password: str, moment: datetime) -> bool:
+        """True if this wrong password was counted for ``staff_id`` within the window."""
+        counted = self._seen.get(staff_id, {}).get(self._digest(password))
+        return counted is not None and moment - counted < REPEAT_WINDOW
+
+    def remember(self, staff_id: str, password: str, moment: datetime) -> None:
+        """Note that this wrong password has been counted for ``staff_id``."""
+        entries = self._seen.pop(staff_id, {})
+        entries = {d: at for d, at in entries.items() if moment - at < REPEAT_WINDOW}
+        entries[self._digest(password)] = moment
+        while len(entries) > REPEAT_PER_ACCOUNT:
+            del entries[min(entries, key=entries.__getitem__)]
+        self._seen[staff_id] = entries
+        while len(self._seen) > REPEAT_ACCOUNTS:
+            self._seen.popitem(last=False)
+
+    def forget(self, staff_id: str) -> None:
+        """Drop what is remembered for ``staff_id`` (after a successful sign-in)."""
+        self._seen.pop(staff_id, None)
 
 
 def as_staff(actor: Actor, staff_id: str) -> Actor:

@@ -16,7 +16,7 @@ from escrow import totp
 from escrow.audit import Actor
 from escrow.cli import parser
 from escrow.errors import StaffError
-from escrow.lockout import LOCK_BASE
+from escrow.lockout import LOCK_AFTER_FAILURES, LOCK_BASE
 from escrow.models import AppPassword, AuditEvent, RecoveryCode, Staff
 from escrow.passwords import Check
 from escrow.services import Services
@@ -454,6 +454,38 @@ async def test_smtp_check_takes_app_passwords_and_the_account_password_until_enr
     assert await security.authenticate_smtp(EMAIL, PASSWORD, actor=smtp) is None
     assert await security.authenticate_smtp(EMAIL, secret, actor=smtp) is not None
     assert await security.authenticate_smtp("nobody@riverside.example", secret, actor=smtp) is None
+
+
+async def test_a_stale_saved_password_counts_once_not_at_every_retry(
+    services: Services,
+) -> None:
+    """A mail client retrying an old password all day must not lock its owner out."""
+    staff_id = await add_staff(services)
+    security = services.staff_security
+    smtp = Actor("smtp", remote_addr="127.0.0.1")
+    for minutes in range(0, 60, 5):
+        moment = T0 + timedelta(minutes=minutes)
+        assert (
+            await security.authenticate_smtp(EMAIL, "the old one!", actor=smtp, now=moment) is None
+        )
+    row = await staff_row(services, staff_id)
+    assert (row.failed_logins, row.locked_until) == (1, None)
+    signed_in = await security.sign_in(EMAIL, PASSWORD, actor=BROWSER, now=T0 + timedelta(hours=1))
+    assert signed_in.outcome == "enrol"
+
+    # A day later the same stale password counts again, once.
+    day_later = T0 + timedelta(days=1, minutes=1)
+    for _ in range(3):
+        await security.authenticate_smtp(EMAIL, "the old one!", actor=smtp, now=day_later)
+    assert (await staff_row(services, staff_id)).failed_logins == 2
+
+    # Different wrong passwords are guesses: each counts, and they lock the account.
+    for n in range(LOCK_AFTER_FAILURES):
+        await security.authenticate_smtp(EMAIL, f"guess {n}", actor=smtp, now=day_later)
+    row = await staff_row(services, staff_id)
+    assert row.locked_until is not None and row.locked_until > day_later
+    right = await security.authenticate_smtp(EMAIL, PASSWORD, actor=smtp, now=day_later)
+    assert right is None
 
 
 # ---------------------------------------------------------------- QR, URI, audit
