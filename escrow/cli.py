@@ -243,7 +243,10 @@ async def cmd_keys_rotate(services: Services, _args: argparse.Namespace) -> int:
     old = services.keyring.active_fingerprint
     new = services.keyring.rotate()
     await services.audit.log("keys.rotated", operator(), detail={"old": old, "new": new})
-    print(f"new active vault key {new}; {old} kept for older items")
+    print(
+        f"new active vault key {new}; {old} kept for older items. Running servers seal to "
+        "the new key within 30 seconds. Back up the keys directory now."
+    )
     return EXIT_OK
 
 

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 
 from keys import openpgp, store
-from keys.errors import KeyFileCorrupt, KeysError, KeysMissing, UnknownKey, WrongPassphrase
+from keys.errors import (
+    DecryptionFailed,
+    KeyFileCorrupt,
+    KeysError,
+    KeysMissing,
+    UnknownKey,
+    WrongPassphrase,
+)
 from keys.openpgp import VaultKey
 
 DEFAULT_USER_ID = "Escrow vault <vault@escrow.invalid>"
+# How often sealing looks for a key another process made (`escrow keys rotate`).
+REFRESH_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -37,9 +47,14 @@ class VaultKeyring:
 
     Build it with `VaultKeyring.open(...)`. `encrypt` and `decrypt` may be
     called from many threads at once and take no lock: they read an immutable
-    snapshot of the keys, and neither mutates the PGPy key objects. `rotate`
-    and `close` replace that snapshot under a lock, so they are serialised
-    with each other but never block encryption or decryption.
+    snapshot of the keys, and neither mutates the PGPy key objects. `rotate`,
+    `refresh` and `close` replace that snapshot under a lock, so they are
+    serialised with each other but never block encryption or decryption.
+
+    Keys made by another process (``escrow keys rotate`` while servers run,
+    or a replica that restarted first) are picked up without a restart:
+    `decrypt` looks for new key files before it gives up on a message, and
+    `encrypt` checks for a new ACTIVE key every :data:`REFRESH_SECONDS`.
     """
 
     def __init__(
@@ -55,6 +70,8 @@ class VaultKeyring:
         self._state: _State | None = state
         self._stack = stack
         self._lock = threading.Lock()
+        self.refresh_seconds = REFRESH_SECONDS
+        self._checked = time.monotonic()
 
     @staticmethod
     def initialise(
@@ -170,6 +187,8 @@ class VaultKeyring:
         literal data in format 'b', decryptable by GnuPG with the key file.
         Raises KeysError if the keyring is closed or encryption fails.
         """
+        if time.monotonic() - self._checked >= self.refresh_seconds:
+            self._try_refresh(wait=False)
         active = self._current().active
         return active.encrypt(data), active.fingerprint
 
@@ -181,7 +200,56 @@ class VaultKeyring:
         OpenPGP at all; it never returns altered plaintext. Raises KeysError if
         the keyring is closed.
         """
+        keys = self._current().keys
+        try:
+            return openpgp.decrypt(ciphertext, keys)
+        except DecryptionFailed:
+            # Perhaps sealed by another process to a key made since we loaded ours.
+            if not self._try_refresh(wait=True) or self._current().keys == keys:
+                raise
         return openpgp.decrypt(ciphertext, self._current().keys)
+
+    def refresh(self, *, wait: bool = True) -> bool:
+        """Load key files another process added, and follow ACTIVE; True if anything changed.
+
+        Keys already held are never dropped (older items need them). A new
+        key file must unlock with this keyring's passphrase, else it is left
+        out (KeyFileCorrupt is raised only by `open`). With ``wait=False``
+        this returns False at once if another thread is refreshing. Raises
+        KeysError once closed.
+        """
+        if not self._lock.acquire(blocking=wait):
+            return False
+        try:
+            self._checked = time.monotonic()
+            state = self._current()
+            held = {key.fingerprint: key for key in state.keys}
+            added = []
+            for fingerprint in store.list_fingerprints(self._keys_dir):
+                if fingerprint in held:
+                    continue
+                try:
+                    key = VaultKey(store.read_key_text(self._keys_dir, fingerprint), fingerprint)
+                    key.unlock(self._passphrase, self._stack)
+                except (KeysError, OSError):
+                    continue  # half-written, foreign or damaged: `escrow keys list` shows it
+                held[fingerprint] = key
+                added.append(key)
+            named = store.read_active(self._keys_dir)
+            active = held.get(named, state.active) if named is not None else state.active
+            if not added and active is state.active:
+                return False
+            self._state = _State(_newest_first(list(held.values()), active), active)
+            return True
+        finally:
+            self._lock.release()
+
+    def _try_refresh(self, *, wait: bool) -> bool:
+        """`refresh`, where a keys directory that cannot be read now only means "no change"."""
+        try:
+            return self.refresh(wait=wait)
+        except KeysError:
+            return False
 
     def close(self) -> None:
         """Clear the unlocked key material and forget the passphrase; safe to repeat.

@@ -12,6 +12,7 @@ import pytest
 
 from keys import (
     DEFAULT_USER_ID,
+    DecryptionFailed,
     KeyFileCorrupt,
     KeyInfo,
     KeysError,
@@ -275,3 +276,32 @@ def test_close(keys_dir: Path) -> None:
     ):
         with pytest.raises(KeysError, match="closed"):
             call()
+
+
+def test_keys_made_by_another_process_are_picked_up_without_a_restart(keys_dir: Path) -> None:
+    with (
+        VaultKeyring.open(keys_dir, PASSPHRASE) as server,
+        VaultKeyring.open(keys_dir, PASSPHRASE) as operator,
+    ):
+        old = server.active_fingerprint
+        new = operator.rotate()  # `escrow keys rotate` while the server runs
+        sealed, used = operator.encrypt(b"sealed by a replica that restarted first")
+        assert used == new
+        # Until its next check the server still seals to the old key, which is fine...
+        assert server.encrypt(b"x")[1] == old
+        # ...and it opens what was sealed to the new one: the key file is loaded on demand.
+        assert server.decrypt(sealed) == b"sealed by a replica that restarted first"
+        assert server.active_fingerprint == new
+        assert [i.fingerprint for i in server.list()] == [new, old]
+
+        # Sealing follows ACTIVE at the periodic check.
+        newer = operator.rotate()
+        server.refresh_seconds = 0
+        assert server.encrypt(b"y")[1] == newer
+
+        # A damaged key file beside them is left out; nothing else changes.
+        (keys_dir / f"{'A' * 40}.asc").write_text("not a key")
+        assert server.refresh() is False
+        assert server.encrypt(b"z")[1] == newer
+        with pytest.raises(DecryptionFailed):
+            server.decrypt(b"\x84garbage")
