@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from keys.errors import (
     WrongPassphrase,
 )
 from keys.openpgp import VaultKey
+
+log = logging.getLogger(__name__)
 
 DEFAULT_USER_ID = "Escrow vault <vault@escrow.invalid>"
 # How often sealing looks for a key another process made (`escrow keys rotate`).
@@ -72,6 +75,8 @@ class VaultKeyring:
         self._lock = threading.Lock()
         self.refresh_seconds = REFRESH_SECONDS
         self._checked = time.monotonic()
+        # Key files that did not load, by fingerprint: (mtime_ns, size) when tried.
+        self._unusable: dict[str, tuple[int, int]] = {}
 
     @staticmethod
     def initialise(
@@ -204,8 +209,10 @@ class VaultKeyring:
         try:
             return openpgp.decrypt(ciphertext, keys)
         except DecryptionFailed:
-            # Perhaps sealed by another process to a key made since we loaded ours.
-            if not self._try_refresh(wait=True) or self._current().keys == keys:
+            # Perhaps sealed by another process to a key made since we loaded ours
+            # (this thread's refresh, or another's since the snapshot, may find it).
+            self._try_refresh(wait=True)
+            if self._current().keys is keys:
                 raise
         return openpgp.decrypt(ciphertext, self._current().keys)
 
@@ -214,7 +221,8 @@ class VaultKeyring:
 
         Keys already held are never dropped (older items need them). A new
         key file must unlock with this keyring's passphrase, else it is left
-        out (KeyFileCorrupt is raised only by `open`). With ``wait=False``
+        out (KeyFileCorrupt is raised only by `open`), logged once, and not
+        tried again until the file changes. With ``wait=False``
         this returns False at once if another thread is refreshing. Raises
         KeysError once closed.
         """
@@ -228,11 +236,26 @@ class VaultKeyring:
             for fingerprint in store.list_fingerprints(self._keys_dir):
                 if fingerprint in held:
                     continue
+                path = store.key_path(self._keys_dir, fingerprint)
+                try:
+                    stat = path.stat()
+                except OSError:
+                    continue
+                version = (stat.st_mtime_ns, stat.st_size)
+                if self._unusable.get(fingerprint) == version:
+                    continue
                 try:
                     key = VaultKey(store.read_key_text(self._keys_dir, fingerprint), fingerprint)
                     key.unlock(self._passphrase, self._stack)
-                except (KeysError, OSError):
-                    continue  # half-written, foreign or damaged: `escrow keys list` shows it
+                except (KeysError, OSError) as exc:
+                    if fingerprint not in self._unusable:
+                        log.warning(
+                            "vault key file %s left out (%s); `escrow keys list` checks it",
+                            path.name,
+                            type(exc).__name__,
+                        )
+                    self._unusable[fingerprint] = version
+                    continue
                 held[fingerprint] = key
                 added.append(key)
             named = store.read_active(self._keys_dir)

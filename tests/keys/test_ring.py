@@ -20,6 +20,7 @@ from keys import (
     UnknownKey,
     VaultKeyring,
     WrongPassphrase,
+    openpgp,
 )
 from tests.keys.conftest import PASSPHRASE
 
@@ -278,7 +279,9 @@ def test_close(keys_dir: Path) -> None:
             call()
 
 
-def test_keys_made_by_another_process_are_picked_up_without_a_restart(keys_dir: Path) -> None:
+def test_keys_made_by_another_process_are_picked_up_without_a_restart(
+    keys_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with (
         VaultKeyring.open(keys_dir, PASSPHRASE) as server,
         VaultKeyring.open(keys_dir, PASSPHRASE) as operator,
@@ -299,9 +302,26 @@ def test_keys_made_by_another_process_are_picked_up_without_a_restart(keys_dir: 
         server.refresh_seconds = 0
         assert server.encrypt(b"y")[1] == newer
 
-        # A damaged key file beside them is left out; nothing else changes.
-        (keys_dir / f"{'A' * 40}.asc").write_text("not a key")
+        # Another thread loads the new key while this one is trying the old ones:
+        # the message still opens.
+        newest = operator.rotate()
+        sealed, used = operator.encrypt(b"sealed to the newest key")
+        assert used == newest
+        real_decrypt = openpgp.decrypt
+
+        def another_thread_refreshes_meanwhile(ciphertext: bytes, keys: object) -> bytes:
+            monkeypatch.setattr(openpgp, "decrypt", real_decrypt)
+            server.refresh()
+            return real_decrypt(ciphertext, keys)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(openpgp, "decrypt", another_thread_refreshes_meanwhile)
+        assert server.decrypt(sealed) == b"sealed to the newest key"
+
+        # A damaged key file beside them is left out, and not parsed again until it changes.
+        damaged = keys_dir / f"{'A' * 40}.asc"
+        damaged.write_text("not a key")
         assert server.refresh() is False
-        assert server.encrypt(b"z")[1] == newer
+        assert server.encrypt(b"z")[1] == newest
         with pytest.raises(DecryptionFailed):
             server.decrypt(b"\x84garbage")
+        assert list(server._unusable) == ["A" * 40]
