@@ -73,7 +73,13 @@ class _AuthMembers:
     def __init__(self) -> None:
         self._names: dict[type, tuple[str, ...]] = {}
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a later aiosmtpd asks of inspect: the real thing.
+        return getattr(inspect, name)
+
     def getmembers(self, obj: object) -> list[tuple[str, Any]]:
+        if isinstance(obj, type) or inspect.ismodule(obj):
+            return inspect.getmembers(obj)
         names = self._names.get(type(obj))
         if names is None:
             names = self._names[type(obj)] = tuple(
@@ -162,9 +168,10 @@ class EscrowSMTP(SMTP):
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         # The common path without the RFC 5322 parser (a tenth of the intake's CPU
-        # time); anything unusual still goes through aiosmtpd's own parsing.
+        # time); anything unusual still goes through aiosmtpd's own parsing, which
+        # also decodes an RFC 2047 encoded word ("=?") in the local part.
         simple = _SIMPLE_PATH.match(arg)
-        if simple is None:
+        if simple is None or "=?" in simple.group(1):
             return super()._getaddr(arg)
         address = simple.group(1)
         if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:

@@ -25,6 +25,8 @@ PATHS = [
     "< a@b.c >",
     "a@b.c",
     '<"quoted local"@b.c>',
+    "<=?utf-8?q?admin?=@b.c>",
+    "<=?utf-8?q?admin?=@b.c> SIZE=1",
     "<ünïcode@exämple.de>",
     "<a@b.c",
     "<" + "l" * 65 + "@b.c>",
@@ -86,3 +88,7 @@ async def test_auth_mechanisms_are_found_as_inspect_finds_them(server: EscrowSMT
     server.auth_CUSTOM = lambda *_: None  # type: ignore[attr-defined]
     expected = [(n, v) for n, v in inspect.getmembers(server) if n.startswith("auth_")]
     assert shim.getmembers(server) == expected
+    # A handler that is a class or a module, and whatever else inspect offers: unchanged.
+    assert shim.getmembers(_Handler) == inspect.getmembers(_Handler)
+    assert shim.getmembers(inspect) == inspect.getmembers(inspect)
+    assert shim.isfunction is inspect.isfunction
