@@ -198,25 +198,26 @@ class AppPasswords:
                 or is_locked(fresh.locked_until, moment)
             ):
                 return None
-            if not check.ok:
-                if self._repeated.seen(fresh.id, password, moment):
-                    return None
-                self._repeated.remember(fresh.id, password, moment)
-                await count_failure(
-                    self._audit,
-                    session,
-                    fresh,
-                    as_staff(actor, fresh.id),
-                    "smtp",
-                    moment,
-                    audit_failure=False,
-                )
+            if check.ok:
+                if check.new_hash is not None:
+                    fresh.password_hash = check.new_hash
+                fresh.failed_logins = 0
+                self._repeated.forget(fresh.id)
+                return SmtpLogin(fresh, None)
+            if self._repeated.seen(fresh.id, password, moment):
                 return None
-            if check.new_hash is not None:
-                fresh.password_hash = check.new_hash
-            fresh.failed_logins = 0
-            self._repeated.forget(fresh.id)
-            return SmtpLogin(fresh, None)
+            await count_failure(
+                self._audit,
+                session,
+                fresh,
+                as_staff(actor, fresh.id),
+                "smtp",
+                moment,
+                audit_failure=False,
+            )
+        # Remembered only once the failure is committed: a failed write must not hide it.
+        self._repeated.remember(staff.id, password, moment)
+        return None
 
     async def _app_password_used(
         self, staff: Staff, row: AppPassword, moment: datetime

@@ -46,7 +46,10 @@ class RepeatedPasswords:
     The digests are HMAC-SHA256 under a key drawn when the process starts and
     never stored, so nothing here outlives the process or helps guess a
     password offline. A restart forgets everything: a stale password then
-    counts once more.
+    counts once more. By watching when the account locks, an attacker
+    could tell whether a guess equals a wrong password already counted there
+    (say, the old password a mail client keeps sending); it buys no attempts
+    at the current one.
     """
 
     def __init__(self) -> None:

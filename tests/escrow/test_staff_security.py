@@ -473,8 +473,14 @@ async def test_a_stale_saved_password_counts_once_not_at_every_retry(
     signed_in = await security.sign_in(EMAIL, PASSWORD, actor=BROWSER, now=T0 + timedelta(hours=1))
     assert signed_in.outcome == "enrol"
 
+    # The right password forgets what was counted: the stale one counts again, once.
+    assert await security.authenticate_smtp(EMAIL, PASSWORD, actor=smtp, now=moment) is not None
+    for _ in range(3):
+        await security.authenticate_smtp(EMAIL, "the old one!", actor=smtp, now=moment)
+    assert (await staff_row(services, staff_id)).failed_logins == 1
+
     # A day later the same stale password counts again, once.
-    day_later = T0 + timedelta(days=1, minutes=1)
+    day_later = moment + timedelta(days=1, minutes=1)
     for _ in range(3):
         await security.authenticate_smtp(EMAIL, "the old one!", actor=smtp, now=day_later)
     assert (await staff_row(services, staff_id)).failed_logins == 2
