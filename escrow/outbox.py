@@ -24,9 +24,9 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import Table, bindparam, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -38,6 +38,53 @@ from escrow.vault import Vault
 
 MAX_RETRY_SECONDS = 3600
 LEASE = timedelta(minutes=5)
+
+
+# The worker's statements, built once, on the tables (Core): each batch then costs
+# neither statement construction nor the ORM's bulk-update machinery.
+_JOBS_TABLE = cast(Table, OutboxJob.__table__)
+_DELIVERY_TABLE = cast(Table, Delivery.__table__)
+_JOBS = _JOBS_TABLE.c
+_DUE = (
+    select(
+        _JOBS.id,
+        _JOBS.kind,
+        _JOBS.mail_from,
+        _JOBS.rcpt_to,
+        _JOBS.payload,
+        _JOBS.message_id,
+        _JOBS.delivery_id,
+        _JOBS.attempts,
+        _JOBS.created_at,
+    )
+    .where(
+        _JOBS.done_at.is_(None),
+        _JOBS.next_attempt_at <= bindparam("now"),
+        or_(_JOBS.claimed_until.is_(None), _JOBS.claimed_until < bindparam("now")),
+    )
+    .order_by(_JOBS.next_attempt_at)
+)
+_CLAIM = (
+    update(_JOBS_TABLE)
+    .where(_JOBS.id.in_(bindparam("ids", expanding=True)))
+    .values(claimed_until=bindparam("until"), claimed_by=bindparam("claim"))
+)
+_HELD = select(_JOBS.id).where(
+    _JOBS.id.in_(bindparam("ids", expanding=True)),
+    _JOBS.claimed_by.in_(bindparam("claims", expanding=True)),
+    _JOBS.done_at.is_(None),
+)
+_SENT = (
+    update(_JOBS_TABLE)
+    .where(_JOBS.id.in_(bindparam("ids", expanding=True)))
+    .values(done_at=bindparam("now"), outcome="sent", payload=None, claimed_until=None)
+)
+_DELIVERIES = _DELIVERY_TABLE.c
+_NOTIFIED = (
+    update(_DELIVERY_TABLE)
+    .where(_DELIVERIES.id.in_(bindparam("ids", expanding=True)), _DELIVERIES.status == "queued")
+    .values(status="notified", notified_at=bindparam("now"))
+)
 
 
 @dataclass(frozen=True)
@@ -166,24 +213,20 @@ class Outbox:
         """Lease up to ``limit`` due jobs to the caller for :data:`LEASE`."""
         now = utcnow()
         claim = new_id()
-        query = (
-            select(OutboxJob)
-            .where(
-                OutboxJob.done_at.is_(None),
-                OutboxJob.next_attempt_at <= now,
-                or_(OutboxJob.claimed_until.is_(None), OutboxJob.claimed_until < now),
-            )
-            .order_by(OutboxJob.next_attempt_at)
-            .limit(limit)
-        )
+        query = _DUE.limit(limit)
         if self._db.dialect == "postgresql":
             query = query.with_for_update(skip_locked=True)
 
         def claim_rows(session: Session) -> list[Job]:
-            rows = session.scalars(query).all()
-            for row in rows:
-                row.claimed_until = now + LEASE
-                row.claimed_by = claim
+            # Core rows and one UPDATE: no ORM objects to track and flush one by one.
+            connection = session.connection()
+            rows = connection.execute(query, {"now": now}).all()
+            if not rows:
+                return []
+            connection.execute(
+                _CLAIM,
+                {"ids": [row.id for row in rows], "until": now + LEASE, "claim": claim},
+            )
             return [
                 Job(
                     id=row.id,
@@ -221,34 +264,21 @@ class Outbox:
         now = utcnow()
 
         def complete(session: Session) -> int:
+            connection = session.connection()
             held = set(
-                (
-                    session.scalars(
-                        select(OutboxJob.id).where(
-                            OutboxJob.id.in_([j.id for j in jobs]),
-                            OutboxJob.claimed_by.in_({j.claim for j in jobs}),
-                            OutboxJob.done_at.is_(None),
-                        )
-                    )
+                connection.scalars(
+                    _HELD,
+                    {"ids": [j.id for j in jobs], "claims": sorted({j.claim for j in jobs})},
                 ).all()
             )
             mine = [j for j in jobs if j.id in held]
             if not mine:
                 return 0
-            session.execute(
-                update(OutboxJob)
-                .where(OutboxJob.id.in_([j.id for j in mine]))
-                .values(done_at=now, outcome="sent", payload=None, claimed_until=None)
-            )
+            connection.execute(_SENT, {"ids": [j.id for j in mine], "now": now})
             notified = [j for j in mine if j.kind == "notification" and j.delivery_id]
             if notified:
-                session.execute(
-                    update(Delivery)
-                    .where(
-                        Delivery.id.in_([j.delivery_id for j in notified]),
-                        Delivery.status == "queued",
-                    )
-                    .values(status="notified", notified_at=now)
+                connection.execute(
+                    _NOTIFIED, {"ids": [j.delivery_id for j in notified], "now": now}
                 )
             events = [
                 EventSpec(
