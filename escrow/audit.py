@@ -51,6 +51,9 @@ EXPORT_FIELDS = (
 
 DetailValue = str | int | bool | None
 _COLUMNS = (*(f for f in EXPORT_FIELDS if f != "at"), "at")
+_TABLE = cast(Table, AuditEvent.__table__)
+_CHAIN_END = select(_TABLE.c.seq, _TABLE.c.hash).order_by(_TABLE.c.seq.desc()).limit(1)
+_INSERT = _TABLE.insert()
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,8 @@ class Audit:
         if self._db.dialect == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_KEY})
         session.flush()
-        last = session.execute(
-            select(AuditEvent.seq, AuditEvent.hash).order_by(AuditEvent.seq.desc()).limit(1)
-        ).first()
+        connection = session.connection()
+        last = connection.execute(_CHAIN_END).first()
         seq, prev_hash = (0, GENESIS) if last is None else (last.seq, last.hash)
         now = utcnow()
         events = []
@@ -156,11 +158,9 @@ class Audit:
             )
             event.hash = prev_hash = event_hash(event)
             events.append(event)
-        # A Core insert: the ORM's unit of work costs more than the rest of an intake.
-        session.execute(
-            cast(Table, AuditEvent.__table__).insert(),
-            [{c: getattr(e, c) for c in _COLUMNS} for e in events],
-        )
+        # A Core insert on the connection: the ORM's unit of work costs more than the
+        # rest of an intake.
+        connection.execute(_INSERT, [{c: getattr(e, c) for c in _COLUMNS} for e in events])
         return events
 
     async def log(self, action: str, actor: Actor, **fields: Any) -> AuditEvent:

@@ -20,7 +20,7 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 from typing import Any, cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -92,6 +92,20 @@ class _Prepared:
 
 # At most this many submissions share one transaction.
 MAX_BATCH = 64
+
+# Intake's statements, built once on the tables and run on the connection (Core):
+# the ORM session's own execution layer cost more than the rows themselves.
+_INSERTS = tuple(
+    cast(Table, model.__table__).insert() for model in (Message, VaultItem, Delivery, OutboxJob)
+)
+_MESSAGES = cast(Table, Message.__table__).c
+_RECIPIENTS = cast(Table, Recipient.__table__)
+_THREADS = select(_MESSAGES.rfc_message_id, _MESSAGES.thread_id).where(
+    _MESSAGES.rfc_message_id.in_(bindparam("refs", expanding=True))
+)
+_RECIPIENT_IDS = select(_RECIPIENTS.c.email, _RECIPIENTS.c.id).where(
+    _RECIPIENTS.c.email.in_(bindparam("emails", expanding=True))
+)
 
 
 class Intake:
@@ -270,14 +284,10 @@ class Intake:
                     )
                 )
             results.append(Accepted(message_id, len(p.external), len(p.internal)))
-        for model, rows in (
-            (Message, messages),
-            (VaultItem, items),
-            (Delivery, deliveries),
-            (OutboxJob, jobs),
-        ):
+        connection = session.connection()
+        for insert, rows in zip(_INSERTS, (messages, items, deliveries, jobs), strict=True):
             if rows:
-                session.execute(cast(Table, model.__table__).insert(), rows)
+                connection.execute(insert, rows)
         self._audit.append(session, events)
         return results
 
@@ -286,11 +296,7 @@ class Intake:
         refs = list(dict.fromkeys(references))[: _MAX_THREAD_REFS * MAX_BATCH]
         if not refs:
             return {}
-        rows = session.execute(
-            select(Message.rfc_message_id, Message.thread_id).where(
-                Message.rfc_message_id.in_(refs)
-            )
-        )
+        rows = session.connection().execute(_THREADS, {"refs": refs})
         return {rfc: thread for rfc, thread in rows.all()}
 
     def _recipient_ids(self, session: Session, addresses: set[str]) -> dict[str, str]:
@@ -299,8 +305,9 @@ class Intake:
             return {}
         dialect = postgresql if self._db.dialect == "postgresql" else sqlite
         now = utcnow()
-        session.execute(
-            dialect.insert(Recipient).on_conflict_do_nothing(index_elements=["email"]),
+        connection = session.connection()
+        connection.execute(
+            dialect.insert(_RECIPIENTS).on_conflict_do_nothing(index_elements=["email"]),
             [
                 {
                     "id": new_id(),
@@ -312,9 +319,7 @@ class Intake:
                 for a in sorted(addresses)
             ],
         )
-        rows = session.execute(
-            select(Recipient.email, Recipient.id).where(Recipient.email.in_(addresses))
-        )
+        rows = connection.execute(_RECIPIENT_IDS, {"emails": sorted(addresses)})
         return {email: rid for email, rid in rows.all()}
 
 
