@@ -126,9 +126,11 @@ class Database:
             yield session
 
     async def run_read(self, work: Callable[[Session], T]) -> T:
-        """``work(session)`` in one read transaction; it must not write, nor keep ORM objects live.
+        """``work(session)`` in one read transaction; it must not write.
 
-        Returns what ``work`` returns; its exceptions propagate.
+        Returns what ``work`` returns; its exceptions propagate. ORM objects it
+        returns are detached: the attributes it loaded stay readable, lazy
+        loads do not work.
         """
         if self._sync_reader is None or self._read_threads is None:
             async with self._reader() as session, session.begin():

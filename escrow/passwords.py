@@ -20,7 +20,7 @@ import hmac
 import os
 from dataclasses import dataclass
 
-from argon2 import Parameters, PasswordHasher, Type, extract_parameters, low_level
+from argon2 import Parameters, Type, extract_parameters, low_level
 from argon2.exceptions import InvalidHashError
 from argon2.low_level import ARGON2_VERSION, core, error_to_str, ffi
 
@@ -117,14 +117,6 @@ class SecretHasher:
             memory_cost=memory_kib,
             parallelism=parallelism,
         )
-        # Only to tell whether a stored hash was made with other parameters.
-        self._reference = PasswordHasher(
-            time_cost=time_cost,
-            memory_cost=memory_kib,
-            parallelism=parallelism,
-            hash_len=HASH_BYTES,
-            salt_len=SALT_BYTES,
-        )
         self._runner = BoundedRunner(concurrency or default_concurrency())
         # Checked against when no hash is stored, so an unknown account costs the same.
         self._dummy = self.hash_sync("no account has this secret")
@@ -140,30 +132,31 @@ class SecretHasher:
             f"${_b64(salt)}${_b64(digest)}"
         )
 
-    def _matches(self, stored: str, secret: str) -> bool:
+    def _matches(self, stored: str, secret: str) -> Parameters | None:
+        """The stored hash's parameters if ``secret`` matches it, else None."""
         try:
             params = extract_parameters(stored)
             salt_text, digest_text = stored.rsplit("$", 2)[1:]
             salt, digest = _unb64(salt_text), _unb64(digest_text)
         except (InvalidHashError, ValueError):
-            return False
+            return None
         if params.type is not Type.ID or params.version != ARGON2_VERSION:
-            return False
+            return None
         if len(digest) != params.hash_len or params.memory_cost > 1024 * 1024:
-            return False  # damaged, or a cost no hash of ours has (1 GiB)
+            return None  # damaged, or a cost no hash of ours has (1 GiB)
         try:
             computed = _raw(secret.encode("utf-8"), salt, params)
         except ValueError:
-            return False
-        return hmac.compare_digest(computed, digest)
+            return None
+        return params if hmac.compare_digest(computed, digest) else None
 
     def check_sync(self, stored: str | None, secret: str) -> Check:
         if len(secret) > MAX_SECRET_CHARS:
             return Check(ok=False)
         matched = self._matches(stored or self._dummy, secret)
-        if not matched or not stored:  # None or "": only the dummy was checked
+        if matched is None or not stored:  # None or "": only the dummy was checked
             return Check(ok=False)
-        if self._reference.check_needs_rehash(stored):
+        if matched != self._params:  # made with other parameters (what PasswordHasher compares)
             return Check(ok=True, new_hash=self.hash_sync(secret))
         return Check(ok=True)
 
