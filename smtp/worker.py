@@ -194,26 +194,27 @@ class OutboxWorker:
         own = lanes is None
         transports = list(lanes) if lanes is not None else [self._transport()]
         jobs = await self.outbox.claim_due(BATCH)
+        sent: list[Job] = []
         try:
             queues = [jobs[i :: len(transports)] for i in range(len(transports))]
             await asyncio.gather(
-                *(self._drain(t, q) for t, q in zip(transports, queues, strict=True) if q)
+                *(self._drain(t, q, sent) for t, q in zip(transports, queues, strict=True) if q)
             )
         finally:
-            if own:
-                for transport in transports:
-                    await transport.close()
+            # One transaction for the whole batch's sent jobs (each commit costs more than
+            # its rows); a crash before it only means they are sent again.
+            try:
+                await self.outbox.complete_many(sent)
+            finally:
+                if own:
+                    for transport in transports:
+                        await transport.close()
         return len(jobs)
 
-    async def _drain(self, transport: Transport, jobs: Sequence[Job]) -> None:
-        sent: list[Job] = []
-        try:
-            for job in jobs:
-                if await self._process(transport, job):
-                    sent.append(job)
-        finally:
-            # One transaction for the lane's sent jobs; a crash before it only re-sends them.
-            await self.outbox.complete_many(sent)
+    async def _drain(self, transport: Transport, jobs: Sequence[Job], sent: list[Job]) -> None:
+        for job in jobs:
+            if await self._process(transport, job):
+                sent.append(job)
 
     async def _process(self, transport: Transport, job: Job) -> bool:
         try:
