@@ -184,6 +184,10 @@ class VaultKeyring:
                 return key.export_public()
         raise UnknownKey(f"no vault key {wanted}")
 
+    def refresh_due(self) -> bool:
+        """Whether the next :meth:`encrypt` will first look for new key files (disk reads)."""
+        return time.monotonic() - self._checked >= self.refresh_seconds
+
     def encrypt(self, data: bytes) -> tuple[bytes, str]:
         """Seal `data` to the active key.
 
@@ -192,7 +196,7 @@ class VaultKeyring:
         literal data in format 'b', decryptable by GnuPG with the key file.
         Raises KeysError if the keyring is closed or encryption fails.
         """
-        if time.monotonic() - self._checked >= self.refresh_seconds:
+        if self.refresh_due():
             self._try_refresh(wait=False)
         active = self._current().active
         return active.encrypt(data), active.fingerprint

@@ -7,6 +7,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy import update
 from escrow.errors import VaultError, VaultIntegrityError
 from escrow.models import VaultItem
 from escrow.services import Services
+from escrow.vault import INLINE_SEAL_BYTES
 from keys import VaultKeyring
 from tests.conftest import MASTER, require
 
@@ -226,3 +228,27 @@ async def test_event_loop_stays_responsive_while_sealing_20mb(services: Services
     assert min(stalls) < 0.1, "the event loop stalled for " + ", ".join(
         f"{s * 1000:.0f} ms" for s in stalls
     )
+
+
+async def test_small_messages_seal_on_the_loop_and_large_ones_in_a_thread(
+    services: Services, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hand-off to a thread costs more than sealing 10 KB; a large message, or a seal
+    # that first reads new key files, must still leave the event loop free.
+    keyring = services.keyring
+    sealed_on: list[bool] = []
+    encrypt = keyring.encrypt
+
+    def recording(data: bytes) -> tuple[bytes, str]:
+        sealed_on.append(threading.current_thread() is threading.main_thread())
+        return encrypt(data)
+
+    monkeypatch.setattr(keyring, "encrypt", recording)
+    small, large = payload(INLINE_SEAL_BYTES), payload(INLINE_SEAL_BYTES + 1)
+    for data in (small, large):
+        sealed = await services.vault.seal(data)
+        assert services.vault.open_sync(sealed.ciphertext, sealed.sha256) == data
+    monkeypatch.setattr(keyring, "refresh_seconds", 0.0)
+    assert keyring.refresh_due()
+    await services.vault.seal(small)
+    assert sealed_on == [True, False, False]
