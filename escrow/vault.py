@@ -52,9 +52,9 @@ class Vault:
         """Encrypt ``plaintext`` to the active vault key.
 
         A message of up to :data:`INLINE_SEAL_BYTES` is sealed on the calling
-        thread: about 0.4 ms for 10 KB and 0.7 ms at the limit, less than the
-        hand-off to a worker thread costs at 10 KB, and inside the few
-        milliseconds the event loop may be held.
+        thread: about 0.2 ms for 10 KB and 0.35 ms at the limit, less than the
+        hand-off to a worker thread costs, and far inside the few milliseconds
+        the event loop may be held.
         Larger ones, and any seal that would first read new key files, run in a
         worker thread.
         """

@@ -14,13 +14,16 @@ from tests.keys.gnupg import GnuPG, require_tool
 PAYLOAD = random.Random(7).randbytes(10 * 1024)
 
 
+# Each packet length form (one, two and five octets) and several encryption blocks.
+@pytest.mark.parametrize("size", [0, 150, 5000, 10 * 1024, 3 * 1024 * 1024 + 7])
 def test_gnupg_decrypts_what_we_encrypt(
-    gpg: GnuPG, shared_ring: VaultKeyring, template_keys_dir: Path, tmp_path: Path
+    gpg: GnuPG, shared_ring: VaultKeyring, template_keys_dir: Path, tmp_path: Path, size: int
 ) -> None:
     fingerprint = shared_ring.active_fingerprint
     gpg.run("--import", str(template_keys_dir / f"{fingerprint}.asc"), passphrase=PASSPHRASE)
     assert fingerprint in gpg.fingerprints(secret=True)
-    sealed, used = shared_ring.encrypt(PAYLOAD)
+    payload = random.Random(size).randbytes(size)
+    sealed, used = shared_ring.encrypt(payload)
     assert used == fingerprint
     (tmp_path / "item.gpg").write_bytes(sealed)
 
@@ -29,7 +32,8 @@ def test_gnupg_decrypts_what_we_encrypt(
         passphrase=PASSPHRASE,
     )  # fmt: skip
 
-    assert (tmp_path / "item").read_bytes() == PAYLOAD
+    assert (tmp_path / "item").read_bytes() == payload
+    assert shared_ring.decrypt(sealed) == payload
 
 
 def _encrypt_with_gnupg(gpg: GnuPG, ring: VaultKeyring, tmp_path: Path, *options: str) -> bytes:
