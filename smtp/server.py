@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import ipaddress
 import logging
@@ -29,13 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
 
 from escrow.audit import Actor
 from escrow.intake import Submission
 from escrow.logs import mask_address
 from escrow.services import Services
 from smtp import status
+from smtp.data import BlockDataSMTP
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,18 @@ def peer_ip(session: Session) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=4096)
+def in_networks(
+    ip: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+) -> bool:
+    """Whether ``ip`` lies in one of ``networks`` (asked on every connection, so remembered)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in network for network in networks)
+
+
 def plain_address(value: str) -> str | None:
     """``value`` if it is one bare ``local@domain`` address, else None."""
     if not value or len(value) > 320 or any(c.isspace() or c in '<>,;"()[]\\' for c in value):
@@ -144,7 +158,7 @@ class _Session(Session):
         self._login_data = value
 
 
-class EscrowSMTP(SMTP):
+class EscrowSMTP(BlockDataSMTP):
     """aiosmtpd's SMTP with asynchronous AUTH and bounded large messages."""
 
     def __init__(self, handler: EscrowHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
@@ -224,11 +238,7 @@ class EscrowHandler:
         )
 
     def trusted(self, session: Session) -> bool:
-        try:
-            address = ipaddress.ip_address(peer_ip(session))
-        except ValueError:
-            return False
-        return any(address in network for network in self.settings.trusted_networks)
+        return in_networks(peer_ip(session), self.settings.trusted_networks)
 
     def plaintext_allowed(self, session: Session) -> bool:
         return not self.settings.trusted_networks_require_tls and self.trusted(session)
@@ -358,6 +368,9 @@ async def start_smtp(services: Services, tls_context: ssl.SSLContext) -> list[as
         "hostname": settings.smtp_hostname,
         "ident": "escrow",
         "timeout": 300,
+        # Given, not looked up: aiosmtpd would otherwise do so under a warnings filter,
+        # on every connection.
+        "loop": loop,
     }
 
     def submission() -> EscrowSMTP:
