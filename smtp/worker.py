@@ -197,8 +197,11 @@ class OutboxWorker:
         sent: list[Job] = []
         try:
             queues = [jobs[i :: len(transports)] for i in range(len(transports))]
-            await asyncio.gather(
-                *(self._drain(t, q, sent) for t, q in zip(transports, queues, strict=True) if q)
+            # Every lane runs to its end before the batch completes: a lane that failed
+            # must not leave the others' sent jobs uncompleted (they would go out again).
+            outcomes = await asyncio.gather(
+                *(self._drain(t, q, sent) for t, q in zip(transports, queues, strict=True) if q),
+                return_exceptions=True,
             )
         finally:
             # One transaction for the whole batch's sent jobs (each commit costs more than
@@ -209,6 +212,9 @@ class OutboxWorker:
                 if own:
                     for transport in transports:
                         await transport.close()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return len(jobs)
 
     async def _drain(self, transport: Transport, jobs: Sequence[Job], sent: list[Job]) -> None:

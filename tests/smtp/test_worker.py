@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import select, update
 
 from escrow.intake import Submission
 from escrow.models import Delivery, OutboxJob, utcnow
 from escrow.outbox import Job, Outbox
+from smtp.worker import SmarthostTransport
 from tests.smtp.conftest import (
     INTERNAL_DOMAIN,
     NOTIFY_FROM,
@@ -259,3 +263,43 @@ async def test_two_replicas_deliver_every_job_exactly_once(
 
 async def _all_done(escrow: EscrowServer) -> bool:
     return await escrow.services.outbox.pending() == 0
+
+
+async def test_a_failing_lane_leaves_the_other_lanes_sent_jobs_completed(
+    make_escrow: MakeEscrow, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The batch completes in one transaction once every lane has finished: a lane that
+    # raises (here: recording a refusal while the database is away) must not leave the
+    # jobs other lanes sent uncompleted, or they would go out again.
+    escrow = await make_escrow(worker=False)
+    await escrow.add_staff()
+    sink.refuse.add(CLIENT_B)
+    await send_marked(escrow, [CLIENT_A, CLIENT_B])
+
+    refused = asyncio.Event()
+
+    async def database_away(*args: object, **kwargs: object) -> str:
+        refused.set()
+        raise RuntimeError("database unavailable")
+
+    class AfterTheRefusal(SmarthostTransport):
+        """Sends to CLIENT_A only once the other lane has failed: the order that loses it."""
+
+        async def send(
+            self, mail_from: str, rcpt_to: Sequence[str], data: bytes, job_id: str
+        ) -> None:
+            if CLIENT_A in rcpt_to:
+                await refused.wait()
+            await super().send(mail_from, rcpt_to, data, job_id)
+
+    monkeypatch.setattr(escrow.services.outbox, "fail", database_away)
+    lanes = [AfterTheRefusal(escrow.services) for _ in range(2)]
+    try:
+        with pytest.raises(RuntimeError):
+            await escrow.worker.run_once(lanes)
+    finally:
+        for lane in lanes:
+            await lane.close()
+    notifications = await jobs(escrow, "notification")
+    assert [json.loads(j.rcpt_to) for j in notifications if j.done_at is not None] == [[CLIENT_A]]
+    assert len(sink.to(CLIENT_A)) == 1
