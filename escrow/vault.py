@@ -2,8 +2,9 @@
 
 Every item is an OpenPGP message (AES-256) to the active vault key, stored
 with the key's fingerprint and a SHA-256 of the ciphertext. Opening checks
-the hash before decrypting and fails loudly on any mismatch. PGPy work runs
-in bounded worker threads, never on the event loop.
+the hash before decrypting and fails loudly on any mismatch. OpenPGP work
+runs in bounded worker threads, except sealing a small message (see
+:meth:`Vault.seal`), which costs less than the hand-off.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ class Vault:
         self.keyring = keyring
         self._runner = runner
 
-    def seal_sync(self, plaintext: bytes) -> Sealed:
-        ciphertext, fingerprint = self.keyring.encrypt(plaintext)
+    def seal_sync(self, plaintext: bytes, *, refresh: bool = True) -> Sealed:
+        """Seal on this thread; with ``refresh=False`` the keyring never reads key files first."""
+        ciphertext, fingerprint = self.keyring.encrypt(plaintext, refresh=refresh)
         return Sealed(ciphertext, fingerprint, hashlib.sha256(ciphertext).hexdigest())
 
     def open_sync(self, ciphertext: bytes, sha256: str | None = None) -> bytes:
@@ -59,7 +61,7 @@ class Vault:
         worker thread.
         """
         if len(plaintext) <= INLINE_SEAL_BYTES and not self.keyring.refresh_due():
-            return self.seal_sync(plaintext)
+            return self.seal_sync(plaintext, refresh=False)
         return await self._runner.run(self.seal_sync, plaintext)
 
     async def open(self, ciphertext: bytes, sha256: str | None = None) -> bytes:

@@ -188,7 +188,7 @@ class VaultKeyring:
         """Whether the next :meth:`encrypt` will first look for new key files (disk reads)."""
         return time.monotonic() - self._checked >= self.refresh_seconds
 
-    def encrypt(self, data: bytes) -> tuple[bytes, str]:
+    def encrypt(self, data: bytes, *, refresh: bool = True) -> tuple[bytes, str]:
         """Seal `data` to the active key.
 
         Returns (ciphertext, fingerprint of the primary key used). The
@@ -196,7 +196,7 @@ class VaultKeyring:
         literal data in format 'b', decryptable by GnuPG with the key file.
         Raises KeysError if the keyring is closed or encryption fails.
         """
-        if self.refresh_due():
+        if refresh and self.refresh_due():
             self._try_refresh(wait=False)
         active = self._current().active
         return active.encrypt(data), active.fingerprint

@@ -28,7 +28,8 @@ TOO_MUCH_DATA = "552 Error: Too much mail data"
 _END = b"\r\n.\r\n"
 _CRLF = b"\r\n"
 # More than the stream reader ever buffers (it pauses the socket at twice its
-# line limit, plus one receive of at most 256 KiB): each read empties it, so
+# line limit, plus one delivery of at most 256 KiB, or about twice that through
+# TLS): each read empties it, so
 # what the client sent after the dot can be put back in front. Should a read
 # ever fill this, read_data raises OutOfStep instead of reordering commands.
 READ_SIZE = 1 << 20
@@ -148,6 +149,7 @@ class BlockDataSMTP(SMTP):
             raise
         except OutOfStep:
             # Nothing was stored; a 4xx keeps the message with the client.
+            self.envelope = self._create_envelope()
             await self.push(status.OUT_OF_STEP)
             self._writer.close()
             return

@@ -45,8 +45,8 @@ MAX_RECIPIENTS = 100
 # Messages declaring SIZE above this take a "large" slot; the slots bound memory.
 LARGE_MESSAGE_BYTES = 1024 * 1024
 # Memory budget for large messages in flight at once. Each costs several times its size
-# at its peak: aiosmtpd's lines and the joined message, then PGPy's literal packet and
-# ciphertext. Budgeted at 4 copies, ten concurrent 20 MB messages peak under 400 MB
+# at its peak: the DATA buffer and the unstuffed message, then the ciphertext being
+# built and its final copy. Budgeted at 4 copies, ten concurrent 20 MB messages peak under 400 MB
 # resident (bench/intake.py).
 LARGE_MESSAGE_BUDGET = 256 * 1024 * 1024
 LARGE_MESSAGE_COPIES = 4
