@@ -239,9 +239,12 @@ async def test_small_messages_seal_on_the_loop_and_large_ones_in_a_thread(
     sealed_on: list[bool] = []
     encrypt = keyring.encrypt
 
-    def recording(data: bytes) -> tuple[bytes, str]:
-        sealed_on.append(threading.current_thread() is threading.main_thread())
-        return encrypt(data)
+    def recording(data: bytes, *, refresh: bool = True) -> tuple[bytes, str]:
+        on_loop = threading.current_thread() is threading.main_thread()
+        # On the loop, the keyring must not go and read new key files.
+        assert not (on_loop and refresh)
+        sealed_on.append(on_loop)
+        return encrypt(data, refresh=refresh)
 
     monkeypatch.setattr(keyring, "encrypt", recording)
     small, large = payload(INLINE_SEAL_BYTES), payload(INLINE_SEAL_BYTES + 1)
