@@ -30,6 +30,10 @@ log = logging.getLogger(__name__)
 LANES = 4
 BATCH = 40
 IDLE_POLL_SECONDS = 1.0
+# A batch's sent jobs are completed together when its last lane ends, and at least
+# this often while a slow lane (a smarthost timing out) holds it open: well inside
+# the outbox lease, so another worker never takes them over and sends them again.
+COMPLETE_EVERY_SECONDS = 30.0
 
 
 class PermanentFailure(Exception):
@@ -190,32 +194,52 @@ class OutboxWorker:
                 await lane.close()
 
     async def run_once(self, lanes: Sequence[Transport] | None = None) -> int:
-        """Process one batch of due jobs; returns how many were claimed."""
+        """Process one batch of due jobs; returns how many were claimed.
+
+        Sent jobs are completed in one transaction when the batch ends (each
+        commit costs more than its rows), and every
+        :data:`COMPLETE_EVERY_SECONDS` before that. Every lane runs to its end
+        first: a lane that failed must not leave the others' sent jobs
+        uncompleted. Then the first lane's error, if any, is raised.
+        """
         own = lanes is None
         transports = list(lanes) if lanes is not None else [self._transport()]
         jobs = await self.outbox.claim_due(BATCH)
         sent: list[Job] = []
+        queues = [jobs[i :: len(transports)] for i in range(len(transports))]
+        running = [
+            asyncio.ensure_future(self._drain(t, q, sent))
+            for t, q in zip(transports, queues, strict=True)
+            if q
+        ]
         try:
-            queues = [jobs[i :: len(transports)] for i in range(len(transports))]
-            # Every lane runs to its end before the batch completes: a lane that failed
-            # must not leave the others' sent jobs uncompleted (they would go out again).
-            outcomes = await asyncio.gather(
-                *(self._drain(t, q, sent) for t, q in zip(transports, queues, strict=True) if q),
-                return_exceptions=True,
-            )
+            pending: set[asyncio.Future[None]] = set(running)
+            while pending:
+                _, pending = await asyncio.wait(pending, timeout=COMPLETE_EVERY_SECONDS)
+                if pending:
+                    await self._complete(sent)
         finally:
-            # One transaction for the whole batch's sent jobs (each commit costs more than
-            # its rows); a crash before it only means they are sent again.
+            for lane in running:
+                lane.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
             try:
-                await self.outbox.complete_many(sent)
+                # A crash before this only means these jobs are sent again.
+                await self._complete(sent)
             finally:
                 if own:
                     for transport in transports:
                         await transport.close()
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        for lane in running:
+            error = lane.exception()
+            if error is not None:
+                raise error
         return len(jobs)
+
+    async def _complete(self, sent: list[Job]) -> None:
+        """Complete the jobs sent so far, and take them off ``sent``."""
+        done = sent[:]
+        del sent[: len(done)]
+        await self.outbox.complete_many(done)
 
     async def _drain(self, transport: Transport, jobs: Sequence[Job], sent: list[Job]) -> None:
         for job in jobs:

@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from escrow.intake import Submission
 from escrow.models import Delivery, OutboxJob, utcnow
 from escrow.outbox import Job, Outbox
+from smtp import worker as worker_module
 from smtp.worker import SmarthostTransport
 from tests.smtp.conftest import (
     INTERNAL_DOMAIN,
@@ -303,3 +304,41 @@ async def test_a_failing_lane_leaves_the_other_lanes_sent_jobs_completed(
     notifications = await jobs(escrow, "notification")
     assert [json.loads(j.rcpt_to) for j in notifications if j.done_at is not None] == [[CLIENT_A]]
     assert len(sink.to(CLIENT_A)) == 1
+
+
+async def test_a_slow_lane_does_not_hold_back_the_others_completions(
+    make_escrow: MakeEscrow, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While one lane waits on a slow smarthost, what the other lanes sent is completed
+    # every COMPLETE_EVERY_SECONDS, not only when the batch ends: else a long wait could
+    # outlast the lease and another worker would send those notifications again.
+    escrow = await make_escrow(worker=False)
+    await escrow.add_staff()
+    await send_marked(escrow, [CLIENT_A, CLIENT_B])
+    monkeypatch.setattr(worker_module, "COMPLETE_EVERY_SECONDS", 0.05)
+    release = asyncio.Event()
+
+    class SlowForB(SmarthostTransport):
+        async def send(
+            self, mail_from: str, rcpt_to: Sequence[str], data: bytes, job_id: str
+        ) -> None:
+            if CLIENT_B in rcpt_to:
+                await release.wait()
+            await super().send(mail_from, rcpt_to, data, job_id)
+
+    async def completed() -> list[list[str]]:
+        return [json.loads(j.rcpt_to) for j in await jobs(escrow, "notification") if j.done_at]
+
+    lanes = [SlowForB(escrow.services) for _ in range(2)]
+    batch = asyncio.ensure_future(escrow.worker.run_once(lanes))
+    try:
+        assert await eventually(completed, what="CLIENT_A's job completed") == [[CLIENT_A]]
+        assert not batch.done()
+        release.set()
+        assert await batch == 2
+    finally:
+        release.set()
+        await asyncio.gather(batch, return_exceptions=True)
+        for lane in lanes:
+            await lane.close()
+    assert sorted(map(tuple, await completed())) == [(CLIENT_A,), (CLIENT_B,)]
