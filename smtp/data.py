@@ -17,6 +17,8 @@ with the data discarded as it arrives.
 from __future__ import annotations
 
 import asyncio
+import bisect
+import itertools
 
 from aiosmtpd.smtp import SMTP
 
@@ -33,6 +35,8 @@ _CRLF = b"\r\n"
 # what the client sent after the dot can be put back in front. Should a read
 # ever fill this, read_data raises OutOfStep instead of reordering commands.
 READ_SIZE = 1 << 20
+# Bytes of lines checked at a time (see _check_lines).
+_WINDOW = 8 * 1024
 
 
 class OutOfStep(Exception):
@@ -97,31 +101,45 @@ def _check_lines(
     The order is aiosmtpd's: its stream reader gives up on a line longer
     than ``line_limit`` before counting it (500 wins), the size is checked as
     each line is counted (552), and only then is a counted line's own length
-    checked (500).
+    checked (500). The lines are checked a window at a time, so that a block
+    of empty lines never becomes more than a window's worth of line objects.
     """
-    if not size_limit or stop - 2 <= size_limit:
-        # The common case in one pass of C: no line near the limit, nothing too much.
-        lines = buf[start:stop].split(_CRLF)
-        unfinished = lines.pop()
-        if len(unfinished) <= line_limit + 1 and (
-            not lines or max(map(len, lines)) + 2 <= line_limit
-        ):
-            return None, stop - len(unfinished)
-    while True:
-        newline = buf.find(_CRLF, start, stop)
-        if newline < 0:
-            # An unfinished line already past the reader's limit.
-            if stop - start > line_limit + 1:
-                return LINE_TOO_LONG, start
-            return None, start
-        length = newline - start  # without its CRLF
-        if length > line_limit:
+    window = max(_WINDOW, line_limit + 2)
+    while stop - start > window:
+        cut = buf.rfind(_CRLF, start, start + window)
+        if cut < 0:
+            # No line ends within the window: the one under way is past the reader's limit.
             return LINE_TOO_LONG, start
-        if size_limit and newline > size_limit:  # newline + 2 - the 2-byte prefix
-            return TOO_MUCH_DATA, start
-        if length + 2 > line_limit:
-            return LINE_TOO_LONG, start
-        start = newline + 2
+        problem, start = _check_window(buf, start, cut + 2, size_limit, line_limit)
+        if problem is not None:
+            return problem, start
+    return _check_window(buf, start, stop, size_limit, line_limit)
+
+
+def _check_window(
+    buf: bytearray, start: int, stop: int, size_limit: int | None, line_limit: int
+) -> tuple[str | None, int]:
+    """:func:`_check_lines` for one window, each step a pass in C (split, running sums, bisection)."""
+    lines = buf[start:stop].split(_CRLF)
+    unfinished = lines.pop()
+    lengths = list(map(len, lines))
+    # The first line too long by its own length, if any: a bisection on the running maximum.
+    first_long = bisect.bisect_right(list(itertools.accumulate(lengths, max)), line_limit - 2)
+    # The first line that takes the data past size_limit (buf starts with 2 extra bytes).
+    first_over = len(lengths)
+    if size_limit and stop - 2 > size_limit:
+        ends = itertools.accumulate(map((2).__add__, lengths), initial=start - 2)
+        first_over = bisect.bisect_right(list(ends), size_limit) - 1
+    if first_long < len(lengths) and (
+        first_long < first_over or (first_long == first_over and lengths[first_long] > line_limit)
+    ):
+        return LINE_TOO_LONG, start
+    if first_over < len(lengths):
+        return TOO_MUCH_DATA, start
+    if len(unfinished) > line_limit + 1:
+        # An unfinished line already past the reader's limit.
+        return LINE_TOO_LONG, start
+    return None, stop - len(unfinished)
 
 
 class BlockDataSMTP(SMTP):
