@@ -26,8 +26,10 @@ import ipaddress
 import logging
 import re
 import ssl
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiosmtpd.smtp
 from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
@@ -219,6 +221,82 @@ class EscrowSMTP(BlockDataSMTP):
             await super().smtp_DATA(arg)
 
 
+class Replicator:
+    """Makes a listener's protocol objects: the first with aiosmtpd's constructor, then copies.
+
+    aiosmtpd 1.4 derives its configuration afresh for every connection: it
+    lists the protocol's and the handler's methods with ``dir()``, checks the
+    TLS context and formats a log line. All of it comes out the same for every
+    connection of a listener. A copy takes that configuration from the first
+    object, as it was before its connection began, and gets its own stream
+    reader (``asyncio.StreamReaderProtocol.__init__``), its own per-connection
+    state as aiosmtpd's constructor leaves it, and its own bound methods.
+    ``tests/smtp/test_protocol.py`` compares copies with constructed objects.
+    """
+
+    # Per-connection state, as aiosmtpd's constructor (and ours) leave it.
+    _FRESH: ClassVar[dict[str, Any]] = {
+        "_timeout_handle": None,
+        "_tls_handshake_okay": True,
+        "_tls_protocol": None,
+        "_original_transport": None,
+        "session": None,
+        "envelope": None,
+        "transport": None,
+        "_handler_coroutine": None,
+        "auth_failures": 0,
+    }
+    # Tables of methods bound to the protocol object itself.
+    _BOUND = ("_smtp_methods", "_auth_methods")
+
+    def __init__(self, build: Callable[[], EscrowSMTP]) -> None:
+        self._build = build
+        self._first: EscrowSMTP | None = None
+        self._shared: dict[str, Any] = {}
+
+    def __call__(self) -> EscrowSMTP:
+        first = self._first
+        if first is None:
+            first = self._first = self._build()
+            loop = first.loop
+            stream_state = vars(
+                asyncio.StreamReaderProtocol(
+                    asyncio.StreamReader(loop=loop),
+                    client_connected_cb=first._cb_client_connected,
+                    loop=loop,
+                )
+            )
+            self._shared = {
+                name: value
+                for name, value in vars(first).items()
+                if name not in stream_state and name not in self._FRESH and name not in self._BOUND
+            }
+            return first
+        protocol = EscrowSMTP.__new__(EscrowSMTP)
+        asyncio.StreamReaderProtocol.__init__(
+            protocol,
+            asyncio.StreamReader(loop=first.loop, limit=first.line_length_limit),
+            client_connected_cb=protocol._cb_client_connected,
+            loop=first.loop,
+        )
+        state = vars(protocol)
+        state.update(self._shared)
+        state.update(self._FRESH)
+        protocol._smtp_methods = {
+            name: _rebind(method, protocol) for name, method in first._smtp_methods.items()
+        }
+        protocol._auth_methods = {
+            name: attr._replace(method=_rebind(attr.method, protocol)) if attr.is_builtin else attr
+            for name, attr in first._auth_methods.items()
+        }
+        return protocol
+
+
+def _rebind(method: Any, target: object) -> Any:
+    """``method``, a method bound to another object, bound to ``target`` instead."""
+    return types.MethodType(method.__func__, target)
+
+
 def declared_size(mail_options: list[str]) -> int:
     for option in mail_options:
         name, _, value = option.partition("=")
@@ -373,8 +451,8 @@ async def start_smtp(services: Services, tls_context: ssl.SSLContext) -> list[as
         "loop": loop,
     }
 
-    def submission() -> EscrowSMTP:
-        return EscrowSMTP(
+    submission = Replicator(
+        lambda: EscrowSMTP(
             handler,
             implicit_tls=False,
             tls_context=tls_context,
@@ -382,10 +460,11 @@ async def start_smtp(services: Services, tls_context: ssl.SSLContext) -> list[as
             auth_require_tls=True,
             **common,
         )
-
-    def implicit() -> EscrowSMTP:
-        # Encrypted from the first byte: AUTH is safe without STARTTLS.
-        return EscrowSMTP(handler, implicit_tls=True, auth_require_tls=False, **common)
+    )
+    # Encrypted from the first byte: AUTH is safe without STARTTLS.
+    implicit = Replicator(
+        lambda: EscrowSMTP(handler, implicit_tls=True, auth_require_tls=False, **common)
+    )
 
     servers = [await loop.create_server(submission, settings.smtp_host, settings.smtp_port)]
     log.info("SMTP submission (STARTTLS) on %s:%d", settings.smtp_host, settings.smtp_port)

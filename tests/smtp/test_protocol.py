@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import ssl
+import types
 
 import aiosmtpd.smtp
 import pytest
@@ -10,7 +13,7 @@ from aiosmtpd.smtp import SMTP
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtp.server import EscrowSMTP
+from smtp.server import EscrowSMTP, Replicator
 
 PATHS = [
     "<a@b.c>",
@@ -92,3 +95,67 @@ async def test_auth_mechanisms_are_found_as_inspect_finds_them(server: EscrowSMT
     assert shim.getmembers(_Handler) == inspect.getmembers(_Handler)
     assert shim.getmembers(inspect) == inspect.getmembers(inspect)
     assert shim.isfunction is inspect.isfunction
+
+
+class _DataHandler:
+    def plaintext_allowed(self, session: object) -> bool:
+        return False
+
+    async def handle_DATA(self, *args: object) -> str:
+        return "250 OK"
+
+
+def _same_state(copy: EscrowSMTP, built: EscrowSMTP, first: EscrowSMTP) -> None:
+    """``copy`` holds what aiosmtpd's constructor gives ``built``, with objects of its own."""
+    ours, theirs = vars(copy), vars(built)
+    assert sorted(ours) == sorted(theirs)
+    for name, value in theirs.items():
+        mine = ours[name]
+        if isinstance(value, types.MethodType) and value.__self__ is built:
+            assert (mine.__func__, mine.__self__) == (value.__func__, copy), name
+        elif name == "_smtp_methods":
+            assert {k: (m.__func__, m.__self__) for k, m in mine.items()} == {
+                k: (m.__func__, copy) for k, m in value.items()
+            }
+        elif name == "_auth_methods":
+            assert {
+                k: (a.method.__func__, a.method.__self__, a.is_builtin) for k, a in mine.items()
+            } == {k: (a.method.__func__, copy, a.is_builtin) for k, a in value.items()}
+        elif name in {"_closed", "_strong_reader", "_stream_reader_wr", "_drain_waiters"}:
+            # The stream's own objects: new for each connection.
+            assert type(mine) is type(value), name
+            assert mine is not value and mine is not vars(first)[name], name
+        else:
+            assert mine == value, name
+    assert copy._strong_reader._limit == built._strong_reader._limit  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("implicit_tls", [False, True])
+async def test_replicated_protocols_are_what_aiosmtpd_would_build(implicit_tls: bool) -> None:
+    loop = asyncio.get_running_loop()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    handler = _DataHandler()
+
+    def build() -> EscrowSMTP:
+        options = {"tls_context": context, "require_starttls": True} if not implicit_tls else {}
+        return EscrowSMTP(
+            handler,  # type: ignore[arg-type]
+            implicit_tls=implicit_tls,
+            auth_require_tls=not implicit_tls,
+            data_size_limit=1234,
+            enable_SMTPUTF8=True,
+            hostname="mx.practice.example",
+            ident="escrow",
+            loop=loop,
+            **options,
+        )
+
+    replicate = Replicator(build)
+    first = replicate()
+    first.require_starttls = False  # a connection changes its own state ...
+    first.auth_failures = 2
+    copies = [replicate(), replicate()]
+    for copy in copies:
+        assert copy is not first
+        _same_state(copy, build(), first)  # ... and no copy inherits it
+    assert copies[0]._strong_reader is not copies[1]._strong_reader  # type: ignore[attr-defined]
