@@ -32,7 +32,8 @@ BATCH = 40
 IDLE_POLL_SECONDS = 1.0
 # A batch's sent jobs are completed together when its last lane ends, and at least
 # this often while a slow lane (a smarthost timing out) holds it open: well inside
-# the outbox lease, so another worker never takes them over and sends them again.
+# the outbox lease, so what the other lanes sent is not taken over and sent again.
+# (The slow lane's own unsent jobs can outlast the lease, as they always could.)
 COMPLETE_EVERY_SECONDS = 30.0
 
 
@@ -126,10 +127,20 @@ class SmarthostTransport:
         except Exception:
             await self.close()
             raise
+        except BaseException:
+            # Cancelled mid-transaction: the connection is in an unknown state.
+            self._abandon()
+            raise
         if errors:
             log.warning(
                 "smarthost refused %d of %d recipients of job %s", len(errors), len(rcpt_to), job_id
             )
+
+    def _abandon(self) -> None:
+        """Drop the connection without a goodbye (no await: we may be being cancelled)."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
 
     async def close(self) -> None:
         client, self._client = self._client, None
@@ -217,7 +228,11 @@ class OutboxWorker:
             while pending:
                 _, pending = await asyncio.wait(pending, timeout=COMPLETE_EVERY_SECONDS)
                 if pending:
-                    await self._complete(sent)
+                    try:
+                        await self._complete(sent)
+                    except Exception as exc:
+                        # Kept in ``sent``: the final completion tries them again.
+                        log.error("outbox completion failed (%s); retrying", type(exc).__name__)
         finally:
             for lane in running:
                 lane.cancel()
@@ -236,10 +251,10 @@ class OutboxWorker:
         return len(jobs)
 
     async def _complete(self, sent: list[Job]) -> None:
-        """Complete the jobs sent so far, and take them off ``sent``."""
+        """Complete the jobs sent so far, then take them off ``sent`` (lanes only append)."""
         done = sent[:]
-        del sent[: len(done)]
         await self.outbox.complete_many(done)
+        del sent[: len(done)]
 
     async def _drain(self, transport: Transport, jobs: Sequence[Job], sent: list[Job]) -> None:
         for job in jobs:

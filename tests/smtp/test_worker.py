@@ -329,10 +329,23 @@ async def test_a_slow_lane_does_not_hold_back_the_others_completions(
     async def completed() -> list[list[str]]:
         return [json.loads(j.rcpt_to) for j in await jobs(escrow, "notification") if j.done_at]
 
+    # The first interim completion fails (the database is away for a moment): what it
+    # held is completed by a later one, not lost.
+    complete_many = escrow.services.outbox.complete_many
+    calls: list[int] = []
+
+    async def failing_once(sent: Sequence[Job]) -> int:
+        calls.append(len(sent))
+        if len(calls) == 1:
+            raise RuntimeError("database unavailable")
+        return await complete_many(sent)
+
+    monkeypatch.setattr(escrow.services.outbox, "complete_many", failing_once)
     lanes = [SlowForB(escrow.services) for _ in range(2)]
     batch = asyncio.ensure_future(escrow.worker.run_once(lanes))
     try:
         assert await eventually(completed, what="CLIENT_A's job completed") == [[CLIENT_A]]
+        assert calls[:2] == [1, 1]
         assert not batch.done()
         release.set()
         assert await batch == 2
@@ -342,3 +355,33 @@ async def test_a_slow_lane_does_not_hold_back_the_others_completions(
         for lane in lanes:
             await lane.close()
     assert sorted(map(tuple, await completed())) == [(CLIENT_A,), (CLIENT_B,)]
+
+
+async def test_a_send_cancelled_mid_transaction_drops_the_connection(
+    make_escrow: MakeEscrow, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A lane cancelled while the smarthost has not answered leaves that SMTP transaction
+    # half done: the next job must start on a new connection, not inherit the state.
+    escrow = await make_escrow(worker=False)
+    lane = SmarthostTransport(escrow.services)
+    await lane.send(NOTIFY_FROM, [CLIENT_A], simple_message(NOTIFY_FROM, [CLIENT_A]), "j1")
+    client = lane._client
+    assert client is not None and client.is_connected
+    waiting = asyncio.Event()
+
+    async def no_answer(*args: object, **kwargs: object) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(client, "sendmail", no_answer)
+    send = asyncio.ensure_future(
+        lane.send(NOTIFY_FROM, [CLIENT_B], simple_message(NOTIFY_FROM, [CLIENT_B]), "j2")
+    )
+    await waiting.wait()
+    send.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await send
+    assert lane._client is None and not client.is_connected
+    await lane.send(NOTIFY_FROM, [CLIENT_B], simple_message(NOTIFY_FROM, [CLIENT_B]), "j3")
+    await lane.close()
+    assert len(sink.to(CLIENT_B)) == 1
