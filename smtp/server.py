@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import inspect
 import ipaddress
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import aiosmtpd.smtp
-from aiosmtpd.smtp import AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from escrow.audit import Actor
 from escrow.intake import Submission
@@ -165,6 +166,7 @@ class EscrowSMTP(BlockDataSMTP):
 
     def __init__(self, handler: EscrowHandler, *, implicit_tls: bool, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self.command_size_limits = command_limits()
         self.implicit_tls = implicit_tls
         self.auth_failures = 0
 
@@ -230,8 +232,9 @@ class Replicator:
     connection of a listener. A copy takes that configuration from the first
     object, as it was before its connection began, and gets its own stream
     reader (``asyncio.StreamReaderProtocol.__init__``), its own per-connection
-    state as aiosmtpd's constructor leaves it, and its own bound methods.
-    ``tests/smtp/test_protocol.py`` compares copies with constructed objects.
+    state as aiosmtpd's constructor leaves it, and its own bound methods. No
+    reference to the first object is kept. ``tests/smtp/test_protocol.py``
+    compares copies with constructed objects.
     """
 
     # Per-connection state, as aiosmtpd's constructor (and ours) leave it.
@@ -246,18 +249,19 @@ class Replicator:
         "_handler_coroutine": None,
         "auth_failures": 0,
     }
-    # Tables of methods bound to the protocol object itself.
-    _BOUND = ("_smtp_methods", "_auth_methods")
+    # Made anew for each object below: methods bound to it, and its own command limits.
+    _OWN = ("_smtp_methods", "_auth_methods", "command_size_limits")
 
     def __init__(self, build: Callable[[], EscrowSMTP]) -> None:
         self._build = build
-        self._first: EscrowSMTP | None = None
-        self._shared: dict[str, Any] = {}
+        self._shared: dict[str, Any] | None = None
+        self._kind: type[EscrowSMTP] = EscrowSMTP
+        self._smtp_functions: dict[str, Any] = {}
+        self._auth: dict[str, Any] = {}
 
     def __call__(self) -> EscrowSMTP:
-        first = self._first
-        if first is None:
-            first = self._first = self._build()
+        if self._shared is None:
+            first = self._build()
             loop = first.loop
             stream_state = vars(
                 asyncio.StreamReaderProtocol(
@@ -266,35 +270,59 @@ class Replicator:
                     loop=loop,
                 )
             )
+            self._kind = type(first)
             self._shared = {
                 name: value
                 for name, value in vars(first).items()
-                if name not in stream_state and name not in self._FRESH and name not in self._BOUND
+                if name not in stream_state and name not in self._FRESH and name not in self._OWN
+            }
+            self._smtp_functions = {
+                name: _unbound(method) for name, method in first._smtp_methods.items()
+            }
+            self._auth = {
+                # The class's own mechanisms unbound; a handler's stay bound to it.
+                name: attr._replace(method=_unbound(attr.method)) if attr.is_builtin else attr
+                for name, attr in first._auth_methods.items()
             }
             return first
-        protocol = EscrowSMTP.__new__(EscrowSMTP)
+        protocol = self._kind.__new__(self._kind)
+        loop = self._shared["loop"]
         asyncio.StreamReaderProtocol.__init__(
             protocol,
-            asyncio.StreamReader(loop=first.loop, limit=first.line_length_limit),
+            asyncio.StreamReader(loop=loop, limit=protocol.line_length_limit),
             client_connected_cb=protocol._cb_client_connected,
-            loop=first.loop,
+            loop=loop,
         )
         state = vars(protocol)
         state.update(self._shared)
         state.update(self._FRESH)
+        protocol.command_size_limits = command_limits()
         protocol._smtp_methods = {
-            name: _rebind(method, protocol) for name, method in first._smtp_methods.items()
+            name: types.MethodType(function, protocol)
+            for name, function in self._smtp_functions.items()
         }
         protocol._auth_methods = {
-            name: attr._replace(method=_rebind(attr.method, protocol)) if attr.is_builtin else attr
-            for name, attr in first._auth_methods.items()
+            name: attr._replace(method=types.MethodType(attr.method, protocol))
+            if attr.is_builtin
+            else attr
+            for name, attr in self._auth.items()
         }
         return protocol
 
 
-def _rebind(method: Any, target: object) -> Any:
-    """``method``, a method bound to another object, bound to ``target`` instead."""
-    return types.MethodType(method.__func__, target)
+def _unbound(method: Any) -> Any:
+    """The function behind a bound method (so the object it was bound to can go)."""
+    return method.__func__
+
+
+def command_limits() -> collections.defaultdict[str, int]:
+    """Command-length limits for one connection (EHLO raises MAIL's for SIZE and SMTPUTF8).
+
+    aiosmtpd keeps them on the class, shared by every connection, and clears
+    them whenever a protocol object is constructed; each connection owns its
+    own here.
+    """
+    return collections.defaultdict(lambda: SMTP.command_size_limit)
 
 
 def declared_size(mail_options: list[str]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import ssl
 import types
@@ -105,6 +106,10 @@ class _DataHandler:
         return "250 OK"
 
 
+# Containers every connection of a listener may share: nothing writes to them.
+SHARED = {"_handle_hooks"}
+
+
 def _same_state(copy: EscrowSMTP, built: EscrowSMTP, first: EscrowSMTP) -> None:
     """``copy`` holds what aiosmtpd's constructor gives ``built``, with objects of its own."""
     ours, theirs = vars(copy), vars(built)
@@ -127,6 +132,9 @@ def _same_state(copy: EscrowSMTP, built: EscrowSMTP, first: EscrowSMTP) -> None:
             assert mine is not value and mine is not vars(first)[name], name
         else:
             assert mine == value, name
+            if isinstance(value, dict | list | set | collections.deque) and name not in SHARED:
+                # A container a connection could change: never another's.
+                assert mine is not vars(first)[name], name
     assert copy._strong_reader._limit == built._strong_reader._limit  # type: ignore[attr-defined]
 
 
@@ -159,3 +167,8 @@ async def test_replicated_protocols_are_what_aiosmtpd_would_build(implicit_tls: 
         assert copy is not first
         _same_state(copy, build(), first)  # ... and no copy inherits it
     assert copies[0]._strong_reader is not copies[1]._strong_reader  # type: ignore[attr-defined]
+    # EHLO raises a connection's MAIL limit (SIZE, SMTPUTF8): aiosmtpd keeps the limits on
+    # the class, so without a table per connection they would grow with every copy.
+    copies[0].command_size_limits["MAIL"] += 26
+    assert copies[1].command_size_limits["MAIL"] == SMTP.command_size_limit
+    assert replicate().command_size_limits["MAIL"] == SMTP.command_size_limit
