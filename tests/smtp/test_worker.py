@@ -15,6 +15,7 @@ from sqlalchemy import select, update
 from escrow.intake import Submission
 from escrow.models import Delivery, OutboxJob, utcnow
 from escrow.outbox import Job, Outbox
+from escrow.services import Services
 from smtp import worker as worker_module
 from smtp.worker import SmarthostTransport
 from tests.smtp.conftest import (
@@ -33,6 +34,20 @@ from tests.smtp.conftest import (
 
 CLIENT_A = "alex.client@example.net"
 CLIENT_B = "sam.client@example.org"
+
+
+class Holding(SmarthostTransport):
+    """The smarthost transport, holding mail to ``address`` until ``release`` is set."""
+
+    def __init__(self, services: Services, address: str, release: asyncio.Event) -> None:
+        super().__init__(services)
+        self._address = address
+        self._release = release
+
+    async def send(self, mail_from: str, rcpt_to: Sequence[str], data: bytes, job_id: str) -> None:
+        if self._address in rcpt_to:
+            await self._release.wait()
+        await super().send(mail_from, rcpt_to, data, job_id)
 
 
 async def jobs(escrow: EscrowServer, kind: str | None = None) -> list[OutboxJob]:
@@ -283,18 +298,9 @@ async def test_a_failing_lane_leaves_the_other_lanes_sent_jobs_completed(
         refused.set()
         raise RuntimeError("database unavailable")
 
-    class AfterTheRefusal(SmarthostTransport):
-        """Sends to CLIENT_A only once the other lane has failed: the order that loses it."""
-
-        async def send(
-            self, mail_from: str, rcpt_to: Sequence[str], data: bytes, job_id: str
-        ) -> None:
-            if CLIENT_A in rcpt_to:
-                await refused.wait()
-            await super().send(mail_from, rcpt_to, data, job_id)
-
     monkeypatch.setattr(escrow.services.outbox, "fail", database_away)
-    lanes = [AfterTheRefusal(escrow.services) for _ in range(2)]
+    # CLIENT_A's mail goes out only once the other lane has failed: the order that lost it.
+    lanes = [Holding(escrow.services, CLIENT_A, refused) for _ in range(2)]
     try:
         with pytest.raises(RuntimeError):
             await escrow.worker.run_once(lanes)
@@ -318,14 +324,6 @@ async def test_a_slow_lane_does_not_hold_back_the_others_completions(
     monkeypatch.setattr(worker_module, "COMPLETE_EVERY_SECONDS", 0.05)
     release = asyncio.Event()
 
-    class SlowForB(SmarthostTransport):
-        async def send(
-            self, mail_from: str, rcpt_to: Sequence[str], data: bytes, job_id: str
-        ) -> None:
-            if CLIENT_B in rcpt_to:
-                await release.wait()
-            await super().send(mail_from, rcpt_to, data, job_id)
-
     async def completed() -> list[list[str]]:
         return [json.loads(j.rcpt_to) for j in await jobs(escrow, "notification") if j.done_at]
 
@@ -341,7 +339,7 @@ async def test_a_slow_lane_does_not_hold_back_the_others_completions(
         return await complete_many(sent)
 
     monkeypatch.setattr(escrow.services.outbox, "complete_many", failing_once)
-    lanes = [SlowForB(escrow.services) for _ in range(2)]
+    lanes = [Holding(escrow.services, CLIENT_B, release) for _ in range(2)]
     batch = asyncio.ensure_future(escrow.worker.run_once(lanes))
     try:
         assert await eventually(completed, what="CLIENT_A's job completed") == [[CLIENT_A]]
